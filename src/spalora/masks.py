@@ -1,0 +1,189 @@
+"""Mask generation: which entries of each adapted weight the sparse part may train.
+
+Gradient strategies rebuild each layer's weight gradient as G^T X from the layer input X (saved by
+a forward hook, never modified in place) and the output gradient G (a tensor hook), so they work
+while W is frozen or quantized and take no gradient itself. They accumulate over micro-batches:
+`fisher` sums (G^T X)^2 (the empirical diagonal Fisher, RoSA's default), `grad` sums G^T X and
+ranks by |mean|. `wanda` ranks |W_ij| * ||X_j|| with input norms from forward passes only;
+`magnitude` ranks |W|; `random` draws a uniform support (SLTrain). A user callable
+`fn(name, weight, k) -> scores or bool mask` may replace all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from .layer import SpaloraLinear
+
+GRADIENT_STRATEGIES = ("fisher", "grad")
+ACTIVATION_STRATEGIES = ("wanda",)
+
+
+def needs_data(strategy: str | Callable) -> bool:
+    return isinstance(strategy, str) and strategy in GRADIENT_STRATEGIES + ACTIVATION_STRATEGIES
+
+
+def topk_flat(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat indices of the k largest scores (ties broken by torch.topk)."""
+    return torch.topk(scores.reshape(-1).float(), k, sorted=False).indices
+
+
+class MaskCollector:
+    """Accumulates per-layer statistics over micro-batches through hooks on SpaloraLinear layers."""
+
+    def __init__(self, layers: dict[str, SpaloraLinear], strategy: str) -> None:
+        if strategy not in GRADIENT_STRATEGIES + ACTIVATION_STRATEGIES:
+            raise ValueError(f"strategy {strategy!r} collects no statistics")
+        self.layers = layers
+        self.strategy = strategy
+        self.stats: dict[str, torch.Tensor] = {}
+        self.batches = 0  # micro-batches whose statistics reached every layer
+        self._seen: dict[str, int] = {}
+        self._handles = []
+
+    def attach(self) -> MaskCollector:
+        for name, layer in self.layers.items():
+            self._seen[name] = 0
+            self._handles.append(layer.register_forward_hook(self._make_hook(name)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _make_hook(self, name: str):
+        def on_forward(module: SpaloraLinear, inputs, output):
+            if not module.training and self.strategy in GRADIENT_STRATEGIES:
+                return None
+            x = inputs[0].detach()
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            if self.strategy == "wanda":
+                self._add(name, (x2 * x2).sum(0))
+                self._count(name)
+                return None
+            if not torch.is_grad_enabled():
+                return None
+            if not output.requires_grad:  # nothing trainable yet (sparse-only): still get G
+                output = output.detach().requires_grad_(True)
+
+            def on_grad(g):
+                g2 = g.detach().reshape(-1, g.shape[-1]).float()
+                wg = g2.t() @ x2  # (out, in): this micro-batch's weight gradient
+                self._add(name, wg * wg if self.strategy == "fisher" else wg)
+                self._count(name)
+
+            output.register_hook(on_grad)
+            return output
+
+        return on_forward
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        if name in self.stats:
+            self.stats[name].add_(value)
+        else:
+            self.stats[name] = value.clone()
+
+    def _count(self, name: str) -> None:
+        self._seen[name] += 1
+        self.batches = min(self._seen.values())
+
+    def scores(self, name: str, layer: SpaloraLinear) -> torch.Tensor:
+        """Per-entry importance of one layer's weight, shape (out, in)."""
+        if name not in self.stats:
+            raise RuntimeError(f"no statistics were collected for layer {name}")
+        s = self.stats[name]
+        if self.strategy == "grad":
+            return s.abs()
+        if self.strategy == "wanda":
+            return layer.base_weight().detach().float().abs() * s.sqrt().unsqueeze(0)
+        return s
+
+
+def static_scores(layer: SpaloraLinear, strategy: str, generator: torch.Generator) -> torch.Tensor:
+    """Scores that need no data: magnitude of W, or uniform random (SLTrain)."""
+    if strategy == "magnitude":
+        return layer.base_weight().detach().float().abs()
+    if strategy == "random":
+        shape = (layer.out_features, layer.in_features)
+        return torch.rand(shape, generator=generator).to(layer.base_layer.weight.device)
+    raise ValueError(f"strategy {strategy!r} needs data")
+
+
+def mask_from_callable(fn: Callable, name: str, layer: SpaloraLinear) -> torch.Tensor:
+    """Call a user strategy; it returns scores (top-k taken here) or a bool mask of exactly k."""
+    out = fn(name, layer.base_weight().detach(), layer.nnz)
+    out = torch.as_tensor(out)
+    expected = (layer.out_features, layer.in_features)
+    if tuple(out.shape) != expected:
+        raise ValueError(
+            f"mask callable returned shape {tuple(out.shape)} for {name}, expected {expected}"
+        )
+    if out.dtype == torch.bool:
+        if int(out.sum()) != layer.nnz:
+            raise ValueError(
+                f"mask callable returned {int(out.sum())} entries for {name}, expected {layer.nnz}"
+            )
+        return out.reshape(-1).nonzero().squeeze(1)
+    return topk_flat(out, layer.nnz)
+
+
+def apply_masks(
+    layers: dict[str, SpaloraLinear],
+    strategy: str | Callable,
+    collector: MaskCollector | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> None:
+    """Choose and set each sparse layer's mask (top-k of its scores, k = its nnz)."""
+    generator = torch.Generator().manual_seed(seed)
+    items = [(n, lay) for n, lay in layers.items() if lay.nnz > 0]
+    for name, layer in tqdm(items, desc="choosing masks", disable=not progress, leave=False):
+        if callable(strategy):
+            flat = mask_from_callable(strategy, name, layer)
+        elif needs_data(strategy):
+            if collector is None:
+                raise RuntimeError(f"strategy {strategy!r} needs collected statistics")
+            flat = topk_flat(collector.scores(name, layer), layer.nnz)
+        else:
+            flat = topk_flat(static_scores(layer, strategy, generator), layer.nnz)
+        layer.set_mask(flat)
+
+
+def collect_statistics(
+    model: torch.nn.Module,
+    layers: dict[str, SpaloraLinear],
+    strategy: str,
+    batches: Iterable[dict],
+    num_batches: int,
+    progress: bool = True,
+) -> MaskCollector:
+    """Run forward (and for gradient strategies backward) passes on `num_batches` micro-batches.
+
+    Used for one-shot mask generation outside a training loop; parameters are not updated and
+    gradients that reach trainable parameters are cleared afterwards.
+    """
+    collector = MaskCollector(layers, strategy).attach()
+    was_training = model.training
+    model.train()
+    try:
+        it = iter(batches)
+        for _ in tqdm(
+            range(num_batches), desc=f"mask statistics ({strategy})", disable=not progress
+        ):
+            batch = next(it)
+            if strategy in GRADIENT_STRATEGIES:
+                model(**batch).loss.backward()
+            else:
+                with torch.no_grad():
+                    model(**batch)
+    except StopIteration as exc:
+        raise ValueError(f"mask generation needs {num_batches} batches; the data ran out") from exc
+    finally:
+        collector.detach()
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return collector

@@ -1,0 +1,128 @@
+"""The RoSA schedule inside one run: LoRA-only warm-up, mask statistics, then joint training.
+
+Drive it from any loop by calling `schedule.step(optimizer)` after each optimizer step, or under
+HF `Trainer` with `SpaloraCallback`. Phases:
+
+  warmup  -> `warmup_steps` optimizer steps of LoRA alone (skipped for sparse-only);
+  collect -> hooks gather statistics over the next `mask_batches` micro-batches (gradient and
+             activation strategies only; training goes on meanwhile);
+  joint   -> masks are set, values start at zero and train with LoRA.
+
+With `restart_after_mask=True` (the paper's two-run recipe in one run) the adapters return to
+their initial state when the masks are set and the optimizer state is cleared; `restarted` tells
+the loop to restart its learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from .masks import MaskCollector, apply_masks, needs_data
+from .model import SpaloraModel
+
+
+class MaskSchedule:
+    def __init__(self, model: SpaloraModel, progress: bool = True) -> None:
+        self.model = model
+        self.config = model.config
+        self.progress = progress
+        self.steps = 0
+        self.restarted = False
+        self.collector: MaskCollector | None = None
+        self.mask_step: int | None = None
+        layers = model.adapter_layers()
+        self._has_sparse = any(lay.nnz > 0 for lay in layers.values())
+        self._initial_lora = (
+            {n: lay.lora_A.detach().clone() for n, lay in layers.items() if lay.r > 0}
+            if self.config.restart_after_mask
+            else {}
+        )
+        if not self._has_sparse or all(lay.mask_ready for lay in layers.values() if lay.nnz > 0):
+            self.phase = "joint"
+        elif self.config.uses_lora and self.config.warmup_steps > 0:
+            self.phase = "warmup"
+        else:
+            self._begin_masking(None)
+
+    # ----------------------------------------------------------------- phases
+    def _begin_masking(self, optimizer) -> None:
+        strategy = self.config.mask_strategy
+        if needs_data(strategy):
+            self.phase = "collect"
+            layers = {n: lay for n, lay in self.model.adapter_layers().items() if lay.nnz > 0}
+            self.collector = MaskCollector(layers, strategy).attach()
+        else:
+            self._finish_masking(optimizer)
+
+    def _finish_masking(self, optimizer) -> None:
+        layers = {n: lay for n, lay in self.model.adapter_layers().items() if lay.nnz > 0}
+        # no bar here: it would tear the training bar, and top-k over all layers takes ~1 s
+        apply_masks(
+            layers, self.config.mask_strategy, self.collector, self.config.seed, progress=False
+        )
+        if self.collector is not None:
+            self.collector.detach()
+            self.collector = None
+        self.mask_step = self.steps
+        if self.progress:
+            nnz = sum(lay.nnz for lay in layers.values())
+            tqdm.write(
+                f"[spalora] masks set at step {self.steps}: {nnz:,} nonzeros "
+                f"({self.config.mask_strategy})",
+                file=sys.stderr,
+            )
+        if self.config.restart_after_mask:
+            self.restart(optimizer)
+        self.phase = "joint"
+
+    def restart(self, optimizer=None) -> None:
+        """Reset adapters to their initial values (masks kept) and clear optimizer state."""
+        with torch.no_grad():
+            for name, layer in self.model.adapter_layers().items():
+                if layer.r > 0:
+                    layer.lora_A.copy_(self._initial_lora[name])
+                    layer.lora_B.zero_()
+                if layer.nnz > 0:
+                    layer.sparse_values.zero_()
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    optimizer.state.pop(p, None)
+        self.restarted = True
+
+    def step(self, optimizer=None) -> str:
+        """Advance by one optimizer step; returns the phase for the next step."""
+        self.steps += 1
+        if self.phase == "warmup" and self.steps >= self.config.warmup_steps:
+            self._begin_masking(optimizer)
+        elif self.phase == "collect" and self.collector.batches >= self.config.mask_batches:
+            self._finish_masking(optimizer)
+        return self.phase
+
+    def state_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "phase": self.phase,
+            "mask_step": self.mask_step,
+            "restarted": self.restarted,
+        }
+
+
+class SpaloraCallback(TrainerCallback):
+    """Runs the MaskSchedule under HF Trainer (on_step_end = after each optimizer step).
+
+    Build the Trainer's optimizer with `model.parameter_groups(...)` to keep RoSA's two learning
+    rates. With restart_after_mask the optimizer state is cleared, but Trainer's LR schedule
+    keeps running (it cannot be rewound from a callback).
+    """
+
+    def __init__(self, model: SpaloraModel, progress: bool = True) -> None:
+        self.schedule = MaskSchedule(model, progress=progress)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.schedule.step(kwargs.get("optimizer"))
+        return control

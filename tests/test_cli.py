@@ -1,0 +1,33 @@
+"""CLI argument handling (no model is loaded on bad input)."""
+
+import pytest
+
+from spalora.cli import build_parser, main, resolve_recipe
+
+
+def test_bad_density_fails_before_loading():
+    with pytest.raises(SystemExit, match="density must lie in"):
+        main(["train", "--method", "sparse", "--density", "1.5"])
+
+
+def test_yaml_then_flags(tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("adapter:\n  method: sparse\n  budget: '0.1%'\ntrain:\n  steps: 7\n")
+    args = build_parser().parse_args(["train", "--config", str(cfg), "--steps", "9"])
+    recipe = resolve_recipe(args)
+    assert recipe["adapter"]["method"] == "sparse" and recipe["adapter"]["budget"] == "0.1%"
+    assert recipe["train"]["steps"] == 9
+    assert recipe["adapter"]["mask_strategy"] == "fisher"  # default kept
+
+
+def test_unknown_yaml_key(tmp_path):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("optimizer: sgd\n")
+    with pytest.raises(SystemExit, match="unknown keys"):
+        resolve_recipe(build_parser().parse_args(["train", "--config", str(cfg)]))
+
+
+def test_explicit_sizes_replace_default_budget():
+    args = build_parser().parse_args(["train", "--r", "4", "--density", "0.01"])
+    recipe = resolve_recipe(args)
+    assert "budget" not in recipe["adapter"] and recipe["adapter"]["r"] == 4

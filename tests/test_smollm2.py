@@ -1,0 +1,111 @@
+"""The real SmolLM2-135M checkpoint (converted from the packaged GGUF once, then cached)."""
+
+import json
+
+import pytest
+import torch
+
+from spalora import SpaloraConfig, SpaloraModel, get_spalora_model
+from spalora.cli import main
+from spalora.data import batches, encode_example
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("gguf")
+    from spalora.hub import load_model_and_tokenizer
+
+    return load_model_and_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def bbc():
+    from spalora.tasks import get_task
+
+    return get_task("bbc-topic")
+
+
+def test_bbc_split_is_stratified_and_disjoint(bbc):
+    assert len(bbc.train) + len(bbc.test) == 2096  # 2,225 articles less repeated headlines
+    assert not {e.prompt for e in bbc.train} & {e.prompt for e in bbc.test}
+    counts = {t: sum(e.target == t for e in bbc.test) for t in bbc.labels}
+    assert counts == {
+        "business": 100,
+        "entertainment": 73,
+        "politics": 79,
+        "sport": 100,
+        "tech": 67,
+    }
+    assert set(counts) == {e.target for e in bbc.train}
+
+
+def test_rosa_steps_on_smollm2_reduce_loss_and_round_trip(smollm2, bbc, tmp_path):
+    model, tok = smollm2
+    cfg = SpaloraConfig(
+        method="rosa",
+        budget="r2",
+        rank_fraction=0.5,
+        warmup_steps=2,
+        mask_batches=1,
+        lora_dropout=0.0,
+    )
+    wrapped = get_spalora_model(model, cfg)
+    trainable, _ = wrapped.get_nb_trainable_parameters()
+    assert trainable == 2 * 305_280
+    from spalora import MaskSchedule
+
+    schedule = MaskSchedule(wrapped, progress=False)
+    enc = [encode_example(tok, e) for e in bbc.train[:64]]
+    batch = next(batches(enc, 4, tok.pad_token_id, seed=0))
+    opt = torch.optim.AdamW(wrapped.parameter_groups(2e-3, 2e-3))
+    wrapped.train()
+    losses = []
+    for _ in range(6):
+        loss = wrapped(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        schedule.step(opt)
+        losses.append(loss.item())
+    assert schedule.phase == "joint"
+    assert losses[-1] < losses[0]
+    wrapped.eval()
+    with torch.no_grad():
+        out = wrapped(**batch).logits
+    wrapped.save_pretrained(tmp_path)
+    base = wrapped.unload()
+    reloaded = SpaloraModel.from_pretrained(base, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, out)
+    reloaded.unload()
+
+
+def test_cli_train_smoke(tmp_path, capsys):
+    rc = main(
+        [
+            "train",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--mask-batches",
+            "1",
+            "--eval-limit",
+            "8",
+            "--output-dir",
+            str(tmp_path),
+            "--budget",
+            "r2",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["trainable_params"] == 2 * 305_280 and metrics["mask_step"] == 2
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and "zero_shot_accuracy" in metrics
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert "accuracy after training" in capsys.readouterr().out

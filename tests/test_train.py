@@ -1,0 +1,166 @@
+"""End to end on a tiny random Llama: every method trains, the schedule runs, Trainer works."""
+
+import pytest
+import torch
+
+from spalora import MaskSchedule, SpaloraCallback, SpaloraConfig, get_spalora_model
+from spalora.tasks import Example
+from spalora.train import TrainConfig, train
+
+from .conftest import tiny_llama
+
+
+def fixed_batch():
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 96, (8, 16), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+@pytest.mark.parametrize("method", ["lora", "sparse", "rosa"])
+def test_loss_goes_down_with_each_method(method):
+    cfg = SpaloraConfig(
+        method=method,
+        budget="r4",
+        rank_fraction=0.5,
+        warmup_steps=3,
+        mask_batches=2,
+        lora_dropout=0.0,
+    )
+    model = get_spalora_model(tiny_llama(), cfg)
+    model.train()
+    schedule = MaskSchedule(model, progress=False)
+    opt = torch.optim.AdamW(model.parameter_groups(2e-2, 2e-2))
+    batch = fixed_batch()
+    losses, phases = [], []
+    for _ in range(25):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        phases.append(schedule.step(opt))
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    if method == "lora":
+        assert set(phases) == {"joint"}
+    else:
+        assert phases[-1] == "joint"
+        layers = model.adapter_layers().values()
+        assert all(lay.mask_ready for lay in layers)
+        assert any(lay.sparse_values.abs().sum() > 0 for lay in layers)  # S really trained
+        if method == "rosa":
+            assert phases[:2] == ["warmup", "warmup"] and "collect" in phases
+            assert schedule.mask_step == 3 + 2
+
+
+def test_sparse_values_frozen_until_mask():
+    cfg = SpaloraConfig(method="rosa", r=2, density=0.05, warmup_steps=2, mask_batches=1)
+    model = get_spalora_model(tiny_llama(), cfg)
+    model.train()
+    schedule = MaskSchedule(model, progress=False)
+    opt = torch.optim.AdamW(model.parameter_groups(1e-2, 1e-2))
+    model(**fixed_batch()).loss.backward()
+    assert all(p.grad is None for p in model.sparse_parameters())
+    assert all(p.grad is not None for p in model.lora_parameters())
+    opt.step()
+    opt.zero_grad()
+    schedule.step(opt)
+    assert schedule.phase == "warmup"
+
+
+def test_restart_recipe_resets_adapters_and_optimizer():
+    cfg = SpaloraConfig(
+        method="rosa",
+        r=2,
+        density=0.05,
+        warmup_steps=3,
+        mask_batches=1,
+        restart_after_mask=True,
+        lora_dropout=0.0,
+    )
+    model = get_spalora_model(tiny_llama(), cfg)
+    init_a = {n: lay.lora_A.detach().clone() for n, lay in model.adapter_layers().items()}
+    model.train()
+    schedule = MaskSchedule(model, progress=False)
+    opt = torch.optim.AdamW(model.parameter_groups(1e-2, 1e-2))
+    for _ in range(4):
+        model(**fixed_batch()).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        schedule.step(opt)
+    assert schedule.restarted and schedule.phase == "joint"
+    for name, layer in model.adapter_layers().items():
+        assert torch.equal(layer.lora_A, init_a[name])
+        assert not layer.lora_B.any() and not layer.sparse_values.any()
+        assert layer.mask_ready
+    assert not opt.state
+
+
+def test_training_recipe_with_restart_runs_full_joint_phase():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(96)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="w0", eos_token="w1")
+    examples = [Example(f"w{i % 40 + 2} w{i % 7 + 50}", f"w{i % 7 + 60}") for i in range(64)]
+    cfg = SpaloraConfig(
+        method="rosa", r=2, density=0.05, warmup_steps=4, mask_batches=2, restart_after_mask=True
+    )
+    model = get_spalora_model(tiny_llama(), cfg)
+    out = train(
+        model,
+        tok,
+        examples,
+        TrainConfig(steps=10, batch_size=8, progress=False, lora_lr=1e-2, sparse_lr=1e-2),
+    )
+    assert out["mask_step"] == 6
+    assert out["steps_run"] == 16  # 6 before the restart + 10 from step 0
+    assert out["history"][-1]["loss"] < out["history"][0]["loss"]
+
+
+def test_trainer_runs_mask_schedule(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    cfg = SpaloraConfig(
+        method="rosa", r=2, density=0.05, warmup_steps=2, mask_batches=2, lora_dropout=0.0
+    )
+    model = get_spalora_model(tiny_llama(), cfg)
+    batch = fixed_batch()
+    rows = [{"input_ids": batch["input_ids"][i], "labels": batch["labels"][i]} for i in range(8)]
+    callback = SpaloraCallback(model, progress=False)
+    opt = torch.optim.AdamW(model.parameter_groups(1e-2, 1e-2))
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        report_to=[],
+        logging_steps=100,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=rows, callbacks=[callback], optimizers=(opt, None)
+    )
+    trainer.train()
+    assert callback.schedule.phase == "joint" and callback.schedule.mask_step == 4
+    assert all(lay.mask_ready for lay in model.adapter_layers().values())
+    assert any(lay.sparse_values.abs().sum() > 0 for lay in model.adapter_layers().values())
+
+
+def test_completion_loss_equals_model_loss():
+    from spalora.train import completion_loss
+
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(2))
+    labels = torch.full_like(ids, -100)
+    labels[0, 6:8] = ids[0, 6:8]
+    labels[1, 3:5] = ids[1, 3:5]
+    labels[2, 9] = ids[2, 9]
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    want = model(**batch).loss
+    got = completion_loss(model, batch)
+    torch.testing.assert_close(got, want)
