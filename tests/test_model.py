@@ -80,7 +80,8 @@ def test_save_load_round_trip_is_bitwise(tmp_path, token_batch):
     assert saved["model.layers.0.mlp.up_proj.sparse_col"].dtype == torch.int32
     loaded = SpaloraModel.from_pretrained(tiny_llama(), tmp_path)
     assert torch.equal(loaded(**token_batch).logits, out)
-    assert loaded.config.nnz_pattern == wrapped.config.nnz_pattern
+    assert loaded.spalora_config.nnz_pattern == wrapped.spalora_config.nnz_pattern
+    assert loaded.config is loaded.base_model.config  # `.config` is the HF config, as in PEFT
 
 
 def test_merge_unmerge_and_unload(token_batch):

@@ -109,3 +109,19 @@ def test_cli_train_smoke(tmp_path, capsys):
     assert 0.0 <= metrics["accuracy"] <= 1.0 and "zero_shot_accuracy" in metrics
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert "accuracy after training" in capsys.readouterr().out
+
+
+def test_local_folder_loads_like_a_hub_id(smollm2, tmp_path):
+    """Any folder (or hub id, on an open machine) goes through AutoModelForCausalLM."""
+    from spalora.hub import load_model_and_tokenizer
+
+    from .conftest import tiny_llama
+
+    _, tok = smollm2
+    tiny = tiny_llama()
+    tiny.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, tok2 = load_model_and_tokenizer(str(tmp_path))
+    ids = torch.randint(0, 96, (1, 5))
+    assert torch.equal(model(input_ids=ids).logits, tiny(input_ids=ids).logits)
+    assert tok2.pad_token is not None

@@ -73,7 +73,9 @@ class SparseLoraLinearFunction(torch.autograd.Function):
         if lora_A is not None:
             xd = _dropped(x, drop_mask, keep_prob)
             lora_h = xd @ lora_A.t().to(x.dtype)  # (..., r): small, saved for dB
-            out = out + scale * (lora_h @ lora_B.t().to(x.dtype))
+            # out += scale * h B^T in one addmm: no (tokens x out) temporaries
+            out2 = out.view(-1, out.shape[-1])
+            out2.addmm_(lora_h.reshape(-1, lora_h.shape[-1]), lora_B.t().to(x.dtype), alpha=scale)
         ctx.scale = scale
         ctx.keep_prob = keep_prob
         ctx.use_sparse = use_sparse
@@ -94,17 +96,20 @@ class SparseLoraLinearFunction(torch.autograd.Function):
             w_eff = add_sparse(weight, rows, col, values) if ctx.use_sparse else weight
             grad_x = g2 @ w_eff.to(g2.dtype)
         if lora_A is not None and (needs[0] or needs[3] or needs[4]):
-            gB = g2 @ lora_B.to(g2.dtype)  # (N, r)
+            # The scale goes on the small (N, r) factors, never on a (N, out) or (N, in) tensor.
+            gB = (g2 @ lora_B.to(g2.dtype)).mul_(scale)  # (N, r)
             if needs[0]:
-                lora_dx = (scale * gB) @ lora_A.to(g2.dtype)
-                lora_dx = _dropped(lora_dx, _flat(drop_mask), ctx.keep_prob)
-                grad_x = grad_x + lora_dx
+                if drop_mask is None:
+                    grad_x.addmm_(gB, lora_A.to(g2.dtype))
+                else:
+                    lora_dx = _dropped(gB @ lora_A.to(g2.dtype), _flat(drop_mask), ctx.keep_prob)
+                    grad_x.add_(lora_dx)
             if needs[3]:
                 xd = _dropped(x2, _flat(drop_mask), ctx.keep_prob)
-                grad_A = (scale * gB.t() @ xd).to(lora_A.dtype)
+                grad_A = (gB.t() @ xd).to(lora_A.dtype)
             if needs[4]:
-                h = lora_h.reshape(-1, lora_h.shape[-1])
-                grad_B = (scale * g2.t() @ h).to(lora_B.dtype)
+                h = lora_h.reshape(-1, lora_h.shape[-1]) * scale
+                grad_B = (g2.t() @ h).to(lora_B.dtype)
         if ctx.use_sparse and needs[6]:
             grad_values = sampled_weight_grad(g2, x2, crow, col, ctx.shape).to(values.dtype)
         if grad_x is not None:

@@ -126,7 +126,7 @@ class SpaloraModel(nn.Module):
             config.base_model_name_or_path = getattr(
                 getattr(model, "config", None), "_name_or_path", None
             )
-        self.config = config  # type: ignore[assignment]
+        self.spalora_config = config  # `.config` stays the base model's (PEFT: peft_config)
         for p in model.parameters():
             p.requires_grad_(False)
         generator = torch.Generator().manual_seed(config.seed)
@@ -221,11 +221,11 @@ class SpaloraModel(nn.Module):
         """Write adapter_config.json and adapter_model.safetensors (masks included)."""
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        self.config.save(out)
+        self.spalora_config.save(out)
         save_file(
             self.adapter_state_dict(),
             str(out / WEIGHTS_NAME),
-            metadata={"format": "pt", "spalora_config": json.dumps(self.config.to_dict())},
+            metadata={"format": "pt", "spalora_config": json.dumps(self.spalora_config.to_dict())},
         )
 
     @classmethod
@@ -253,7 +253,7 @@ class SpaloraModel(nn.Module):
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         layers = self.adapter_layers()
-        validate_adapter_state(self.base_model, self.config, state, wrapped=True)
+        validate_adapter_state(self.base_model, self.spalora_config, state, wrapped=True)
         with torch.no_grad():
             for key, value in state.items():
                 name, _, attr = key.rpartition(".")

@@ -28,7 +28,7 @@ from .model import SpaloraModel
 class MaskSchedule:
     def __init__(self, model: SpaloraModel, progress: bool = True) -> None:
         self.model = model
-        self.config = model.config
+        self.config = model.spalora_config
         self.progress = progress
         self.steps = 0
         self.restarted = False
