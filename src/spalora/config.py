@@ -39,6 +39,9 @@ class SpaloraConfig:
     mask_batches: int = 8
     restart_after_mask: bool = False
     seed: int = 0
+    # Per-layer densities overriding `density`: {"mlp.down_proj": 0.02, r".*\.0\..*": 0.05}; a key
+    # matches a module whose name equals it or ends with "." + key, or fully matches it as a regex.
+    density_pattern: dict[str, float] = field(default_factory=dict)
     # Filled by the solver / at save time; reloading uses them verbatim.
     rank_pattern: dict[str, int] = field(default_factory=dict)
     nnz_pattern: dict[str, int] = field(default_factory=dict)
@@ -60,6 +63,9 @@ class SpaloraConfig:
             )
         if self.density is not None and not (0.0 < float(self.density) < 1.0):
             raise ValueError(f"density must lie in (0, 1), got {self.density}")
+        for key, value in self.density_pattern.items():
+            if not (0.0 < float(value) < 1.0):
+                raise ValueError(f"density_pattern[{key!r}] must lie in (0, 1), got {value}")
         if self.rank_fraction is not None and not (0.0 <= float(self.rank_fraction) <= 1.0):
             raise ValueError(f"rank_fraction must lie in [0, 1], got {self.rank_fraction}")
         if self.uses_lora and self.budget is None and int(self.r) < 1:

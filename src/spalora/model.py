@@ -69,6 +69,14 @@ def find_target_modules(model: nn.Module, config: SpaloraConfig) -> list[str]:
     return names
 
 
+def layer_density(name: str, config: SpaloraConfig) -> float | None:
+    """The density of one layer: the first density_pattern key that matches it, else density."""
+    for key, value in config.density_pattern.items():
+        if name == key or name.endswith("." + key) or re.fullmatch(key, name):
+            return float(value)
+    return config.density
+
+
 def resolve_allocation(
     model: nn.Module, config: SpaloraConfig, names: list[str]
 ) -> list[LayerAllocation]:
@@ -92,9 +100,12 @@ def resolve_allocation(
         return solve_budget(shapes, budget, config.effective_rank_fraction, config.uses_sparse)
     r = int(config.r) if config.uses_lora else 0
     if config.uses_sparse:
-        if config.density is None:
+        if config.density is None and not config.density_pattern:
             raise ValueError(f"method {config.method!r} needs a density or a budget")
-        nnz = [max(1, int(config.density * s.numel)) for s in shapes]
+        nnz = []
+        for s in shapes:
+            density = layer_density(s.name, config)
+            nnz.append(max(1, int(density * s.numel)) if density else 0)
     else:
         nnz = [0] * len(shapes)
     return [
