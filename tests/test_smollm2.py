@@ -125,3 +125,16 @@ def test_local_folder_loads_like_a_hub_id(smollm2, tmp_path):
     ids = torch.randint(0, 96, (1, 5))
     assert torch.equal(model(input_ids=ids).logits, tiny(input_ids=ids).logits)
     assert tok2.pad_token is not None
+
+
+def test_readme_quickstart_runs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "quickstart.py"
+    spec = importlib.util.spec_from_file_location("quickstart", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    losses = module.main(steps=8, out_dir=str(tmp_path / "adapter"))
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
