@@ -31,3 +31,17 @@ def test_explicit_sizes_replace_default_budget():
     args = build_parser().parse_args(["train", "--r", "4", "--density", "0.01"])
     recipe = resolve_recipe(args)
     assert "budget" not in recipe["adapter"] and recipe["adapter"]["r"] == 4
+
+
+def test_sizes_and_budget_together_is_an_error():
+    with pytest.raises(SystemExit, match="not both"):
+        resolve_recipe(build_parser().parse_args(["train", "--r", "4", "--budget", "r8"]))
+
+
+def test_seed_and_single_target_name():
+    args = build_parser().parse_args(["train", "--seed", "3", "--target-modules", "q_proj"])
+    recipe = resolve_recipe(args)
+    assert recipe["train"]["seed"] == 3 and recipe["adapter"]["seed"] == 3
+    assert recipe["adapter"]["target_modules"] == ["q_proj"]
+    args = build_parser().parse_args(["train", "--target-modules", r".*\.(q|v)_proj"])
+    assert resolve_recipe(args)["adapter"]["target_modules"] == r".*\.(q|v)_proj"

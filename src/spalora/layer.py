@@ -8,6 +8,7 @@ The sparse part S has a fixed mask stored as CSR buffers (int32 where the sizes 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -98,6 +99,10 @@ class SpaloraLinear(nn.Module):
             )
         else:
             self.sparse_values = None
+        self._warned_merged = False
+        self._mask_ready = False  # cached: reading crow on an accelerator would sync every step
+        # Any load path (ours, Trainer resume, a plain load_state_dict) re-derives the row index.
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_rows())
 
     # ----------------------------------------------------------------- parts
     def reset_lora(self, generator: torch.Generator | None = None) -> None:
@@ -114,7 +119,11 @@ class SpaloraLinear(nn.Module):
 
     @property
     def mask_ready(self) -> bool:
-        return self.nnz > 0 and int(self.sparse_crow[-1]) == self.nnz
+        return self._mask_ready
+
+    def _check_not_merged(self, action: str) -> None:
+        if self.merged:
+            raise RuntimeError(f"cannot {action} while the adapter is merged: unmerge it first")
 
     def base_weight(self) -> torch.Tensor:
         """The frozen weight as (out, in) (a view for Conv1D)."""
@@ -126,6 +135,7 @@ class SpaloraLinear(nn.Module):
 
         Values are reset to zero, so the adapted layer's output is unchanged by this call.
         """
+        self._check_not_merged("set a mask")
         flat = torch.as_tensor(flat_indices, device=self.sparse_crow.device).reshape(-1)
         numel = self.out_features * self.in_features
         if flat.numel() != self.nnz or torch.unique(flat).numel() != self.nnz:
@@ -138,16 +148,18 @@ class SpaloraLinear(nn.Module):
             self.sparse_col.copy_(col)
             self.sparse_rows.copy_(rows)
             self.sparse_values.zero_()
+        self._mask_ready = True
 
     def refresh_rows(self) -> None:
-        """Rebuild the row index of each nonzero from crow (after loading a state dict)."""
-        if self.nnz == 0:
+        """Re-derive the row of each nonzero and the mask state from crow (after a load)."""
+        self._mask_ready = self.nnz > 0 and int(self.sparse_crow[-1]) == self.nnz
+        if not self._mask_ready:
             return
         counts = (self.sparse_crow[1:] - self.sparse_crow[:-1]).to(torch.int64)
         rows = torch.repeat_interleave(
             torch.arange(self.out_features, device=counts.device), counts
         )
-        if rows.numel() == self.nnz:
+        with torch.no_grad():
             self.sparse_rows.copy_(rows)
 
     def mask_flat_indices(self) -> torch.Tensor:
@@ -176,11 +188,19 @@ class SpaloraLinear(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         use_sparse = self.mask_ready
+        if self.merged and self.training and torch.is_grad_enabled() and not self._warned_merged:
+            warnings.warn(
+                "a merged spalora layer is being trained: its adapter gets no gradient "
+                "(call unmerge_adapter() first)",
+                stacklevel=2,
+            )
+            self._warned_merged = True
         if self.merged or self.disabled or (self.r == 0 and not use_sparse):
             return self.base_layer(x)
         drop_mask, keep = None, 1.0 - self.lora_dropout
         if self.r > 0 and self.training and self.lora_dropout > 0:
-            drop_mask = torch.rand_like(x) < keep  # bool: cheaper to draw and to keep than floats
+            # bool: cheaper to draw and to keep than floats; drawn in fp32 (bf16 rand is coarse)
+            drop_mask = torch.rand(x.shape, device=x.device) < keep
         return sparse_lora_linear(
             x,
             self.base_weight(),
@@ -208,7 +228,7 @@ class SpaloraLinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W <- W - delta (equal to the original W up to fp32 rounding)."""
+        """W <- W - delta (the original W up to rounding in W's dtype)."""
         if not self.merged:
             return
         w = self.base_weight()

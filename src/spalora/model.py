@@ -9,6 +9,7 @@ checking every tensor against the model; `merge_and_unload`, `unload`, `merge_ad
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -125,11 +126,21 @@ class SpaloraModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: SpaloraConfig) -> None:
         super().__init__()
+        config = dataclasses.replace(config)  # the caller's config stays reusable
         names = find_target_modules(model, config)
         if config.rank_pattern or config.nnz_pattern:  # a saved adapter: exactly its layers
             saved = set(config.rank_pattern) | set(config.nnz_pattern)
             names = [n for n, _ in model.named_modules() if n in saved]
         allocs = resolve_allocation(model, config, names)
+        # Build every layer before touching the model, so a bad size leaves it unchanged.
+        generator = torch.Generator().manual_seed(config.seed)
+        layers = []
+        for a in allocs:
+            base = model.get_submodule(a.name)
+            layer = SpaloraLinear(base, a.r, config.lora_alpha, config.lora_dropout, a.nnz)
+            layer.reset_lora(generator)
+            layer.train(base.training)  # new modules start in train mode; follow the model's
+            layers.append(layer)
         self.allocations = allocs
         config.rank_pattern = {a.name: a.r for a in allocs}
         config.nnz_pattern = {a.name: a.nnz for a in allocs}
@@ -140,15 +151,20 @@ class SpaloraModel(nn.Module):
         self.spalora_config = config  # `.config` stays the base model's (PEFT: peft_config)
         for p in model.parameters():
             p.requires_grad_(False)
-        generator = torch.Generator().manual_seed(config.seed)
-        for a in allocs:
-            base = model.get_submodule(a.name)
-            layer = SpaloraLinear(base, a.r, config.lora_alpha, config.lora_dropout, a.nnz)
-            layer.reset_lora(generator)
-            layer.train(base.training)  # new modules start in train mode; follow the model's
+        for a, layer in zip(allocs, layers, strict=True):
             _set_submodule(model, a.name, layer)
         self.base_model = model
         self.training = model.training
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        """Activation checkpointing of the base model, with inputs that require grad so the
+        adapters inside checkpointed blocks still get gradients (as PEFT does)."""
+        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+        if hasattr(self.base_model, "activation_checkpointing_enable"):  # transformers >= 5
+            self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.base_model.enable_input_require_grads()
 
     # ------------------------------------------------------------ delegation
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
@@ -264,6 +280,8 @@ class SpaloraModel(nn.Module):
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         layers = self.adapter_layers()
+        if any(layer.merged for layer in layers.values()):
+            raise RuntimeError("cannot load adapter weights while merged: unmerge_adapter() first")
         validate_adapter_state(self.base_model, self.spalora_config, state, wrapped=True)
         with torch.no_grad():
             for key, value in state.items():
@@ -297,8 +315,11 @@ class SpaloraModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Run the base model alone inside the block."""
+        """Run the base model alone inside the block (merged layers are unmerged meanwhile)."""
         layers = list(self.adapter_layers().values())
+        merged = [layer for layer in layers if layer.merged]
+        for layer in merged:
+            layer.unmerge()
         for layer in layers:
             layer.disabled = True
         try:
@@ -306,6 +327,8 @@ class SpaloraModel(nn.Module):
         finally:
             for layer in layers:
                 layer.disabled = False
+            for layer in merged:
+                layer.merge()
 
 
 def _is_adapter(param_name: str) -> bool:
@@ -315,7 +338,7 @@ def _is_adapter(param_name: str) -> bool:
 def validate_adapter_state(
     model: nn.Module, config: SpaloraConfig, state: dict[str, torch.Tensor], wrapped: bool = False
 ) -> None:
-    """Check that a saved adapter fits `model`: names, shapes, dtypes and CSR indices."""
+    """Check that a saved adapter fits `model`: names, sizes, shapes and CSR indices."""
     modules = dict(model.named_modules())
     expected: set[str] = set()
     names = set(config.rank_pattern) | set(config.nnz_pattern)
@@ -330,6 +353,8 @@ def validate_adapter_state(
         out_f, in_f = layer_shape(module)
         r = int(config.rank_pattern.get(name, 0))
         k = int(config.nnz_pattern.get(name, 0))
+        if r < 0 or k < 0 or k > out_f * in_f:
+            raise ValueError(f"adapter layer {name!r}: r={r}, nnz={k} do not fit {out_f}x{in_f}")
         shapes = {}
         if r > 0:
             shapes["lora_A"] = (r, in_f)

@@ -16,6 +16,7 @@ the loop to restart its learning-rate schedule.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 from tqdm.auto import tqdm
@@ -81,6 +82,8 @@ class MaskSchedule:
 
     def restart(self, optimizer=None) -> None:
         """Reset adapters to their initial values (masks kept) and clear optimizer state."""
+        if any(layer.merged for layer in self.model.adapter_layers().values()):
+            raise RuntimeError("cannot restart a merged adapter: unmerge_adapter() first")
         with torch.no_grad():
             for name, layer in self.model.adapter_layers().items():
                 if layer.r > 0:
@@ -102,6 +105,19 @@ class MaskSchedule:
         elif self.phase == "collect" and self.collector.batches >= self.config.mask_batches:
             self._finish_masking(optimizer)
         return self.phase
+
+    def close(self) -> None:
+        """Detach the statistics hooks; warn when the run ended before the masks were set."""
+        if self.collector is not None:
+            self.collector.detach()
+            self.collector = None
+        if self.phase != "joint":
+            warnings.warn(
+                f"training ended in the {self.phase!r} phase after {self.steps} steps: the sparse "
+                f"masks were never set (warmup_steps={self.config.warmup_steps}, "
+                f"mask_batches={self.config.mask_batches}); only LoRA was trained",
+                stacklevel=2,
+            )
 
     def state_dict(self) -> dict:
         return {
@@ -125,4 +141,8 @@ class SpaloraCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.schedule.step(kwargs.get("optimizer"))
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.schedule.close()
         return control

@@ -3,6 +3,7 @@ gradient clipping) that drives the mask schedule. Explicit config, torchtune sty
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -44,13 +45,11 @@ def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     labels = batch["labels"]
     shifted = labels[:, 1:]
     keep = (shifted != -100).any(0).nonzero().squeeze(1)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return model(**batch).loss  # a model without logits_to_keep: its own loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    try:
-        logits = model(**inputs, logits_to_keep=keep).logits
-    except TypeError:  # a model without logits_to_keep: the plain loss
-        return model(**batch).loss
-    if logits.shape[1] != keep.numel():
-        return model(**batch).loss
+    logits = model(**inputs, logits_to_keep=keep).logits
     target = shifted[:, keep]
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100
@@ -79,31 +78,34 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
     total, lr_step, step = cfg.steps, 0, 0
     bar = tqdm(total=total, desc="training", disable=not cfg.progress)
     start = time.perf_counter()
-    while lr_step < total:
-        factor = lr_factor(lr_step, cfg.lr_warmup_steps, total)
-        for g in optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * factor
-        batch = {k: v.to(device) for k, v in next(stream).items()}
-        loss = completion_loss(model, batch)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}: stopping")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        phase_before = schedule.phase
-        schedule.step(optimizer)
-        history.append({"step": step, "loss": loss.item(), "phase": phase_before, "lr": factor})
-        step += 1
-        lr_step += 1
-        if schedule.restarted:  # the paper's recipe: train both parts again from step 0
-            schedule.restarted = False
-            lr_step = 0
-            bar.reset(total=total)
-            continue
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", phase=schedule.phase)
-    bar.close()
+    try:
+        while lr_step < total:
+            factor = lr_factor(lr_step, cfg.lr_warmup_steps, total)
+            for g in optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * factor
+            batch = {k: v.to(device) for k, v in next(stream).items()}
+            loss = completion_loss(model, batch)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step}: stopping")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            phase_before = schedule.phase
+            schedule.step(optimizer)
+            history.append({"step": step, "loss": loss.item(), "phase": phase_before, "lr": factor})
+            step += 1
+            lr_step += 1
+            if schedule.restarted:  # the paper's recipe: train both parts again from step 0
+                schedule.restarted = False
+                lr_step = 0
+                bar.reset(total=total)
+                continue
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", phase=schedule.phase)
+    finally:
+        schedule.close()
+        bar.close()
     return {
         "history": history,
         "train_seconds": time.perf_counter() - start,
