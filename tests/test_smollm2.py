@@ -110,6 +110,54 @@ def test_cli_train_smoke(tmp_path, capsys):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert "accuracy after training" in capsys.readouterr().out
 
+    # spalora eval on the saved adapter: the same accuracy as the run's final evaluation
+    rc = main(
+        [
+            "eval",
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--limit",
+            "8",
+            "--output-dir",
+            str(tmp_path / "ev"),
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert ev["n"] == 8 and ev["accuracy"] == metrics["accuracy"]
+    assert ev["model"] == "smollm2-135m"
+    rows = (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()
+    assert len(rows) == 8 and {"prediction", "target", "correct"} <= set(json.loads(rows[0]))
+
+    # spalora merge: a plain checkpoint with the adapted model's outputs
+    from transformers import AutoModelForCausalLM
+
+    from spalora.hub import load_model_and_tokenizer
+
+    assert (
+        main(["merge", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")])
+        == 0
+    )
+    base, _ = load_model_and_tokenizer()
+    adapted = SpaloraModel.from_pretrained(base, tmp_path / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    ids = torch.randint(0, 49152, (1, 16))
+    with torch.no_grad():
+        diff = (merged(input_ids=ids).logits - adapted(input_ids=ids).logits).abs().max()
+    assert diff < 1e-3
+    with pytest.raises(SystemExit, match="sparse part"):
+        main(
+            [
+                "merge",
+                "--adapter",
+                str(tmp_path / "adapter"),
+                "--out",
+                str(tmp_path / "p"),
+                "--peft",
+            ]
+        )
+
 
 def test_local_folder_loads_like_a_hub_id(smollm2, tmp_path):
     """Any folder (or hub id, on an open machine) goes through AutoModelForCausalLM."""

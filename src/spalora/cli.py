@@ -1,4 +1,5 @@
-"""Command line: `spalora train` (the default runs RoSA on SmolLM2 + BBC headlines)."""
+"""Command line: `spalora train` (the default: RoSA on SmolLM2 + BBC headlines), `spalora eval`,
+`spalora merge`."""
 
 from __future__ import annotations
 
@@ -92,6 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-limit", type=int, help="evaluate on the first N test examples only")
     t.add_argument("--no-eval", action="store_true", help="skip zero-shot and final evaluation")
     t.add_argument("--no-progress", action="store_true")
+
+    e = sub.add_parser("eval", help="evaluate a saved adapter (or the base model) on a task")
+    e.add_argument("--adapter", help="adapter folder; omit for the base model alone (zero-shot)")
+    e.add_argument("--task", default="bbc-topic")
+    e.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    e.add_argument("--limit", type=int, help="first N test examples only")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--output-dir", help="where predictions.jsonl and metrics.json go")
+    e.add_argument("--seed", type=int, default=0, help="the task's split seed")
+    e.add_argument("--no-progress", action="store_true")
+
+    m = sub.add_parser("merge", help="fold an adapter into its base model and save the result")
+    m.add_argument("--adapter", required=True, help="adapter folder")
+    m.add_argument("--out", required=True, help="output folder (a plain transformers checkpoint)")
+    m.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    m.add_argument(
+        "--peft",
+        action="store_true",
+        help="write PEFT's LoRA format instead of merging (LoRA-only adapters)",
+    )
     return parser
 
 
@@ -160,6 +181,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         metrics["zero_shot_accuracy"] = zs["accuracy"]
         print(f"[spalora] zero-shot accuracy: {zs['accuracy']:.2%} on {zs['n']} held-out examples")
+    adapter_cfg.base_model_name_or_path = recipe["model"]  # what `spalora eval/merge` reload
     try:
         model = get_spalora_model(model, adapter_cfg)
     except ValueError as exc:
@@ -199,6 +221,86 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _base_model_for(adapter: str | None, model: str | None) -> str:
+    if model:
+        return model
+    if adapter:
+        recorded = SpaloraConfig.load(adapter).base_model_name_or_path
+        if recorded:
+            return recorded
+    from .hub import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_task
+    from .hub import load_model_and_tokenizer
+    from .model import SpaloraModel
+    from .tasks import get_task
+
+    try:
+        task = get_task(args.task, seed=args.seed)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    model_name = _base_model_for(args.adapter, args.model)
+    started = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(model_name)
+    if args.adapter:
+        model = SpaloraModel.from_pretrained(model, args.adapter)
+    test = task.test[: args.limit] if args.limit else task.test
+    result = evaluate_task(model, tokenizer, task, test, args.batch_size, not args.no_progress)
+    default_out = Path(args.adapter).parent if args.adapter else Path("runs")
+    out = Path(args.output_dir) if args.output_dir else default_out / f"eval-{task.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "predictions.jsonl", "w") as fh:
+        for row in result["predictions"]:
+            fh.write(json.dumps(row) + "\n")
+    seconds = time.perf_counter() - started
+    metrics = {
+        "task": task.name,
+        "adapter": args.adapter,
+        "model": model_name,
+        "n": result["n"],
+        "accuracy": result["accuracy"],
+        "seconds": seconds,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(
+        f"| task | adapter | n | accuracy |\n| --- | --- | ---: | ---: |\n"
+        f"| {task.name} | {args.adapter or '(base model)'} | {result['n']} | "
+        f"{result['accuracy']:.2%} |"
+    )
+    print(f"[spalora] predictions: {out / 'predictions.jsonl'} ({seconds:.0f} s)")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .export import save_merged, save_peft_lora
+    from .hub import load_model_and_tokenizer
+    from .model import SpaloraModel
+
+    model_name = _base_model_for(args.adapter, args.model)
+    model, tokenizer = load_model_and_tokenizer(model_name)
+    wrapped = SpaloraModel.from_pretrained(model, args.adapter)
+    try:
+        if args.peft:
+            out = save_peft_lora(wrapped, args.out)
+            print(
+                f"[spalora] wrote a PEFT LoRA adapter to {out} "
+                "(load with peft.PeftModel.from_pretrained)"
+            )
+        else:
+            out = save_merged(wrapped, args.out, tokenizer)
+            print(
+                f"[spalora] wrote a merged checkpoint to {out} "
+                "(load with AutoModelForCausalLM.from_pretrained)"
+            )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    return 0
+
+
 def _short_table(model) -> str:
     """Per module type (q_proj, ...): layers, r, nnz and density, summed over the layers."""
     rows: dict[str, list] = {}
@@ -223,9 +325,8 @@ def _short_table(model) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        return cmd_train(args)
-    return 2
+    commands = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":
