@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write PEFT's LoRA format instead of merging (LoRA-only adapters)",
     )
+
+    p = sub.add_parser("plot", help="write PNGs of a run: loss curve, per-layer rank/density")
+    p.add_argument("run_dir", help="a `spalora train --output-dir` folder")
     return parser
 
 
@@ -301,6 +304,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+
+    try:
+        paths = plot_run(args.run_dir)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    for path in paths:
+        print(f"[spalora] wrote {path}")
+    return 0
+
+
 def _short_table(model) -> str:
     """Per module type (q_proj, ...): layers, r, nnz and density, summed over the layers."""
     rows: dict[str, list] = {}
@@ -325,7 +340,7 @@ def _short_table(model) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge}
+    commands = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "plot": cmd_plot}
     return commands[args.command](args)
 
 

@@ -1,0 +1,35 @@
+"""`spalora plot` writes real PNGs from a run folder; a folder without a run is a clear error."""
+
+import json
+
+import pytest
+
+from spalora import SpaloraConfig, get_spalora_model
+from spalora.cli import main
+from spalora.plot import layer_grid
+
+from .conftest import tiny_llama
+
+
+def test_plot_writes_pngs(tmp_path, capsys):
+    phases = ["warmup"] * 4 + ["collect"] * 2 + ["joint"] * 6
+    with open(tmp_path / "history.jsonl", "w") as fh:
+        for i, ph in enumerate(phases):
+            fh.write(json.dumps({"step": i, "loss": 2.0 / (i + 1), "phase": ph, "lr": 1.0}) + "\n")
+    wrapped = get_spalora_model(
+        tiny_llama(), SpaloraConfig(method="rosa", budget="r2", rank_fraction=0.5)
+    )
+    wrapped.save_pretrained(tmp_path / "adapter")
+    assert main(["plot", str(tmp_path)]) == 0
+    for name in ("loss.png", "allocation.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert "allocation.png" in capsys.readouterr().out
+    blocks, kinds, cells = layer_grid(wrapped.spalora_config)
+    assert blocks == ["0", "1"] and kinds[:3] == ["q_proj", "k_proj", "v_proj"]
+    assert len(cells) == 14
+
+
+def test_plot_needs_a_run(tmp_path):
+    with pytest.raises(SystemExit, match="no history.jsonl"):
+        main(["plot", str(tmp_path)])
