@@ -92,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--eval-limit", type=int, help="evaluate on the first N test examples only")
     t.add_argument("--no-eval", action="store_true", help="skip zero-shot and final evaluation")
+    t.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="write a resumable checkpoint every N steps (atomic; last 2 kept)",
+    )
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in OUTPUT_DIR/checkpoints",
+    )
     t.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("eval", help="evaluate a saved adapter (or the base model) on a task")
@@ -159,7 +170,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = resolve_recipe(args)
     try:
         adapter_cfg = SpaloraConfig(**recipe["adapter"])
-        train_cfg = TrainConfig(**recipe["train"], progress=not args.no_progress)
+        train_cfg = TrainConfig(
+            **recipe["train"],
+            progress=not args.no_progress,
+            checkpoint_dir=str(Path(recipe["output_dir"]) / "checkpoints"),
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+        )
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
 
@@ -178,11 +195,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"[spalora] task {task.summary()}; evaluating on {len(test)}", file=sys.stderr)
     progress = not args.no_progress
     metrics: dict = {"recipe": recipe}
-    if not args.no_eval:
+    out.mkdir(parents=True, exist_ok=True)
+    zero_shot_file = out / "zero_shot.json"
+    if not args.no_eval and args.resume and zero_shot_file.exists():
+        metrics["zero_shot_accuracy"] = json.loads(zero_shot_file.read_text())["accuracy"]
+    elif not args.no_eval:
         zs = evaluate_task(
             model, tokenizer, task, test, recipe["eval_batch_size"], progress, "zero-shot eval"
         )
         metrics["zero_shot_accuracy"] = zs["accuracy"]
+        zero_shot_file.write_text(json.dumps({"accuracy": zs["accuracy"], "n": zs["n"]}))
         print(f"[spalora] zero-shot accuracy: {zs['accuracy']:.2%} on {zs['n']} held-out examples")
     adapter_cfg.base_model_name_or_path = recipe["model"]  # what `spalora eval/merge` reload
     try:

@@ -24,8 +24,11 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 def end_of_turn_ids(tokenizer) -> list[int]:
     """What closes an assistant turn: <|im_end|> for ChatML models, else EOS."""
-    if getattr(tokenizer, "chat_template", None) and "<|im_end|>" in tokenizer.get_vocab():
-        return [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    if getattr(tokenizer, "chat_template", None):
+        # convert_tokens_to_ids, not get_vocab(): that builds a 49k-entry dict on every call
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+            return [im_end]
     return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
 
@@ -53,9 +56,12 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Te
 
 
 def batches(
-    encoded: list[dict[str, list[int]]], batch_size: int, pad_id: int, seed: int
+    encoded: list[dict[str, list[int]]], batch_size: int, pad_id: int, seed: int, skip: int = 0
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless shuffled batches, reshuffled each epoch with a seeded generator."""
+    """Endless shuffled batches, reshuffled each epoch with a seeded generator.
+
+    `skip` drops the first batches without building them (to resume a run at its data position).
+    """
     if len(encoded) < batch_size:
         raise ValueError(
             f"{len(encoded)} training examples are fewer than one batch ({batch_size})"
@@ -65,4 +71,7 @@ def batches(
         order = list(range(len(encoded)))
         rng.shuffle(order)
         for i in range(0, len(order) - batch_size + 1, batch_size):
+            if skip > 0:
+                skip -= 1
+                continue
             yield collate([encoded[j] for j in order[i : i + batch_size]], pad_id)

@@ -119,6 +119,18 @@ class MaskSchedule:
                 stacklevel=2,
             )
 
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a saved schedule (checkpoints are never taken while statistics accumulate)."""
+        if state["phase"] == "collect":
+            raise ValueError("cannot resume a schedule in the middle of mask collection")
+        if self.collector is not None and state["phase"] != "collect":
+            self.collector.detach()
+            self.collector = None
+        self.steps = state["steps"]
+        self.phase = state["phase"]
+        self.mask_step = state["mask_step"]
+        self.restarted = state["restarted"]
+
     def state_dict(self) -> dict:
         return {
             "steps": self.steps,

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .data import batches, encode_example
 from .model import SpaloraModel
 from .schedule import MaskSchedule
@@ -27,6 +29,10 @@ class TrainConfig:
     max_length: int = 256
     seed: int = 0
     progress: bool = True
+    checkpoint_dir: str | None = None  # where checkpoint-<step> folders go
+    checkpoint_every: int = 0  # optimizer steps between checkpoints (0: none)
+    keep_last: int = 2
+    resume: bool = False  # continue from the newest checkpoint in checkpoint_dir
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -65,7 +71,6 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in examples]
-    stream = batches(encoded, cfg.batch_size, pad, cfg.seed)
     groups = model.parameter_groups(cfg.lora_lr, cfg.sparse_lr)
     for g in groups:
         g["initial_lr"] = g["lr"]
@@ -75,8 +80,21 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
     device = next(model.parameters()).device
     history: list[dict] = []
     model.train()
-    total, lr_step, step = cfg.steps, 0, 0
-    bar = tqdm(total=total, desc="training", disable=not cfg.progress)
+    total, lr_step, step, consumed = cfg.steps, 0, 0, 0
+    resumed_from = None
+    if cfg.resume and cfg.checkpoint_dir and list_checkpoints(cfg.checkpoint_dir):
+        latest = list_checkpoints(cfg.checkpoint_dir)[-1]
+        saved = load_checkpoint(latest, model, optimizer)
+        step, lr_step, consumed = saved["step"], saved["lr_step"], saved["consumed"]
+        resumed_from = step
+        history = saved["history"]
+        schedule.load_state_dict(saved["schedule"])
+        tqdm.write(
+            f"[spalora] resumed from {latest} (step {step}, phase {schedule.phase})",
+            file=sys.stderr,
+        )
+    stream = batches(encoded, cfg.batch_size, pad, cfg.seed, skip=consumed)
+    bar = tqdm(total=total, initial=lr_step, desc="training", disable=not cfg.progress)
     start = time.perf_counter()
     try:
         while lr_step < total:
@@ -84,6 +102,7 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
             for g in optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * factor
             batch = {k: v.to(device) for k, v in next(stream).items()}
+            consumed += 1
             loss = completion_loss(model, batch)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}: stopping")
@@ -100,9 +119,23 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
                 schedule.restarted = False
                 lr_step = 0
                 bar.reset(total=total)
-                continue
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", phase=schedule.phase)
+            else:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", phase=schedule.phase)
+            # No checkpoint while mask statistics accumulate: they are not part of one.
+            if (
+                cfg.checkpoint_every
+                and step % cfg.checkpoint_every == 0
+                and (schedule.phase != "collect")
+            ):
+                state = {
+                    "step": step,
+                    "lr_step": lr_step,
+                    "consumed": consumed,
+                    "schedule": schedule.state_dict(),
+                    "history": history,
+                }
+                save_checkpoint(cfg.checkpoint_dir, model, optimizer, state, cfg.keep_last)
     finally:
         schedule.close()
         bar.close()
@@ -112,4 +145,5 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
         "steps_run": step,
         "mask_step": schedule.mask_step,
         "final_phase": schedule.phase,
+        "resumed_from": resumed_from,
     }

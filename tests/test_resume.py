@@ -1,0 +1,188 @@
+"""Resumable runs: an interrupted run resumed from its checkpoint ends with the same adapter, bit
+for bit, as an uninterrupted run of the same seed; a crash during a save keeps the last one."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spalora import SpaloraConfig, get_spalora_model
+from spalora import train as train_module
+from spalora.checkpoint import list_checkpoints
+from spalora.tasks import Example
+from spalora.train import TrainConfig, train
+
+from .conftest import tiny_llama
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(96)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="w0", eos_token="w1")
+
+
+EXAMPLES = [Example(f"w{i % 40 + 2} w{i % 7 + 50}", f"w{i % 7 + 60}") for i in range(64)]
+ADAPTER = dict(method="rosa", r=2, density=0.05, warmup_steps=3, mask_batches=2, lora_dropout=0.1)
+
+
+def run(tmp, steps=14, resume=False, every=4):
+    model = get_spalora_model(tiny_llama(), SpaloraConfig(**ADAPTER))
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=8,
+        lora_lr=1e-2,
+        sparse_lr=1e-2,
+        progress=False,
+        checkpoint_dir=str(tmp),
+        checkpoint_every=every,
+        resume=resume,
+        seed=3,
+    )
+    out = train(model, word_tokenizer(), EXAMPLES, cfg)
+    return model.adapter_state_dict(), out
+
+
+def test_resume_after_interruption_is_bitwise_equal(tmp_path, monkeypatch):
+    full, full_out = run(tmp_path / "full")
+
+    calls = {"n": 0}
+    real = train_module.completion_loss
+
+    def crash_on_11th(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise KeyboardInterrupt("simulated kill")
+        return real(model, batch)
+
+    monkeypatch.setattr(train_module, "completion_loss", crash_on_11th)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut")
+    monkeypatch.setattr(train_module, "completion_loss", real)
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["checkpoint-8"]
+    resumed, out = run(tmp_path / "cut", resume=True)
+    assert out["resumed_from"] == 8 and full_out["resumed_from"] is None
+    assert out["steps_run"] == 14 and out["mask_step"] == full_out["mask_step"] == 5
+    assert [h["loss"] for h in out["history"]] == [h["loss"] for h in full_out["history"]]
+    for key, value in full.items():
+        assert torch.equal(resumed[key], value), key
+
+
+def test_checkpoints_are_pruned_and_crash_during_save_keeps_previous(tmp_path, monkeypatch):
+    run(tmp_path, steps=12, every=2)
+    names = [p.name for p in list_checkpoints(tmp_path)]
+    assert names == ["checkpoint-10", "checkpoint-12"]  # step 4 fell in mask collection
+
+    from spalora import checkpoint as ck
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", broken_save)
+    with pytest.raises(OSError):
+        ck.save_checkpoint(
+            tmp_path,
+            get_spalora_model(tiny_llama(), SpaloraConfig(**ADAPTER)),
+            torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]),
+            {"step": 14},
+        )
+    assert [p.name for p in list_checkpoints(tmp_path)] == names  # the half save is ignored
+    assert load_file(str(tmp_path / "checkpoint-12" / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory):
+    """A small random Llama with SmolLM2's tokenizer, saved as a local model folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from spalora.hub import smollm2_folder
+
+    folder = tmp_path_factory.mktemp("small-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(smollm2_folder()).save_pretrained(folder)
+    return folder
+
+
+def cli(model_dir, out, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "spalora.cli",
+        "train",
+        "--model",
+        str(model_dir),
+        "--output-dir",
+        str(out),
+        "--steps",
+        "80",
+        "--batch-size",
+        "4",
+        "--budget",
+        "r2",
+        "--warmup-steps",
+        "3",
+        "--mask-batches",
+        "2",
+        "--checkpoint-every",
+        "5",
+        "--no-eval",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(small_model_dir, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run(
+        cli(small_model_dir, tmp_path / "full"),
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(
+        cli(small_model_dir, cut), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while not (cut / "checkpoints" / "checkpoint-10").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(p.name.rsplit("-", 1)[1]) for p in list_checkpoints(cut / "checkpoints"))
+    assert 10 <= killed_at < 80, killed_at  # it really stopped partway
+    assert not (cut / "adapter").exists()
+    done = subprocess.run(
+        cli(small_model_dir, cut, "--resume"),
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert f"resumed from {cut / 'checkpoints' / f'checkpoint-{killed_at}'}" in done.stderr
+    want = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(cut / "adapter" / "adapter_model.safetensors"))
+    assert want.keys() == got.keys()
+    for key in want:  # bitwise: same seed, same data order, same RNG and optimizer states
+        assert torch.equal(want[key], got[key]), key
