@@ -39,7 +39,10 @@ def test_lora_only_exports_to_peft(tmp_path):
     from peft import PeftModel
 
     ids = torch.randint(0, 96, (2, 9))
-    wrapped = randomized(tiny_llama(), method="lora", budget="r3")
+    names = [n for n, m in tiny_llama().named_modules() if n.endswith("proj")]
+    ranks = {n: 1 + i % 4 for i, n in enumerate(names)}  # per-layer ranks: rank_pattern matters
+    wrapped = randomized(tiny_llama(), method="lora", rank_pattern=ranks)
+    assert {lay.r for lay in wrapped.adapter_layers().values()} == {1, 2, 3, 4}
     save_peft_lora(wrapped, tmp_path)
     peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
     assert max_logit_difference(peft_model, wrapped, ids) < 1e-5

@@ -26,10 +26,25 @@ def test_plot_writes_pngs(tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert "allocation.png" in capsys.readouterr().out
     blocks, kinds, cells = layer_grid(wrapped.spalora_config)
-    assert blocks == ["0", "1"] and kinds[:3] == ["q_proj", "k_proj", "v_proj"]
+    assert blocks == ["0", "1"] and kinds[:3] == [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+    ]
     assert len(cells) == 14
 
 
 def test_plot_needs_a_run(tmp_path):
     with pytest.raises(SystemExit, match="no history.jsonl"):
         main(["plot", str(tmp_path)])
+
+
+def test_gpt2_module_names_do_not_collide():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64))
+    wrapped = get_spalora_model(
+        model, SpaloraConfig(method="lora", r=2, target_modules=["c_attn", "c_proj", "c_fc"])
+    )
+    blocks, kinds, cells = layer_grid(wrapped.spalora_config)
+    assert len(cells) == 8 and {"attn.c_proj", "mlp.c_proj"} <= set(kinds)

@@ -186,3 +186,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(small_model_dir, tmp_path
     assert want.keys() == got.keys()
     for key in want:  # bitwise: same seed, same data order, same RNG and optimizer states
         assert torch.equal(want[key], got[key]), key
+
+
+def test_checkpoints_of_another_run_are_refused(tmp_path):
+    run(tmp_path, steps=8, every=4)
+    with pytest.raises(ValueError, match="earlier run"):
+        run(tmp_path, steps=8, every=4)  # would prune or later resume the old run's files
+    with pytest.raises(ValueError, match="cannot be resumed"):
+        run(tmp_path, steps=10, every=4, resume=True)  # a different LR schedule length

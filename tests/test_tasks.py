@@ -34,6 +34,7 @@ def test_number_metric():
     assert number_match("-7", "-7") and not number_match("7", "-7")
     assert number_match("1,024", "1024")
     assert not number_match("no idea", "3")
+    assert number_match("2, 3", "2") and number_match("-.5", "-1/2")
 
 
 def test_label_metric():

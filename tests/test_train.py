@@ -164,3 +164,11 @@ def test_completion_loss_equals_model_loss():
     want = model(**batch).loss
     got = completion_loss(model, batch)
     torch.testing.assert_close(got, want)
+
+
+def test_restart_is_not_triggered_before_any_training():
+    cfg = SpaloraConfig(
+        method="sparse", density=0.05, mask_strategy="random", restart_after_mask=True
+    )
+    schedule = MaskSchedule(get_spalora_model(tiny_llama(), cfg), progress=False)
+    assert schedule.phase == "joint" and not schedule.restarted

@@ -4,7 +4,9 @@ A checkpoint folder `checkpoint-<step>` holds the adapter (our safetensors forma
 included), the optimizer's tensors (safetensors), and `state.json` (step, LR-schedule position,
 mask-schedule phase, data position, RNG states, loss history). It is written to a temporary
 folder and renamed into place, so a crash during a save leaves the previous checkpoint intact;
-only the newest `keep_last` are kept.
+only the newest `keep_last` are kept. (Files are not fsynced: a power loss, unlike a killed
+process, may still leave a renamed folder with incomplete files.) Resume is bitwise equal on
+CPU; on CUDA it also needs torch.use_deterministic_algorithms(True).
 """
 
 from __future__ import annotations
@@ -56,15 +58,20 @@ def _optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict, meta: 
 
 def save_checkpoint(run_dir: str | Path, model, optimizer, state: dict, keep_last: int = 2) -> Path:
     """Write checkpoint-<step> atomically and prune older ones."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     root = Path(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{state['step']}"
     tmp = root / f".tmp-checkpoint-{state['step']}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in root.glob(".tmp-checkpoint-*"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     model.save_pretrained(tmp / "adapter")
     tensors, meta = _optimizer_to_flat(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():  # dropout on a GPU draws from the CUDA generators
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
     save_file(tensors, str(tmp / OPTIM_NAME))
     py_state = random.getstate()
     full = {**state, "optimizer": meta, "python_rng": [py_state[0], list(py_state[1]), py_state[2]]}
@@ -94,6 +101,9 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict:
     model.load_adapter_state(adapter)
     tensors = load_file(str(path / OPTIM_NAME))
     torch.set_rng_state(tensors.pop("rng.torch"))
+    cuda_states = [tensors.pop(k) for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
     _optimizer_from_flat(optimizer, tensors, state.pop("optimizer"))
     version, inner, gauss = state.pop("python_rng")
     random.setstate((version, tuple(inner), gauss))

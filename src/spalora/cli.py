@@ -95,7 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--checkpoint-every",
         type=int,
-        default=0,
         help="write a resumable checkpoint every N steps (atomic; last 2 kept)",
     )
     t.add_argument(
@@ -112,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="first N test examples only")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--output-dir", help="where predictions.jsonl and metrics.json go")
-    e.add_argument("--seed", type=int, default=0, help="the task's split seed")
+    e.add_argument("--seed", type=int, help="the task's split seed (default: the adapter's)")
     e.add_argument("--no-progress", action="store_true")
 
     m = sub.add_parser("merge", help="fold an adapter into its base model and save the result")
@@ -158,8 +157,8 @@ def resolve_recipe(args: argparse.Namespace) -> dict:
             )
         adapter.pop("budget", None)  # explicit sizes replace the default budget
         adapter.pop("rank_fraction", None)
-    if args.seed is not None:
-        adapter["seed"] = args.seed  # one seed for data order, LoRA init and random masks
+    if "seed" in recipe["train"]:  # one seed for split, data order, LoRA init and random masks
+        adapter["seed"] = recipe["train"]["seed"]
     if adapter.get("method") == "lora":
         adapter.pop("density", None)
     return recipe
@@ -170,13 +169,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = resolve_recipe(args)
     try:
         adapter_cfg = SpaloraConfig(**recipe["adapter"])
-        train_cfg = TrainConfig(
-            **recipe["train"],
-            progress=not args.no_progress,
-            checkpoint_dir=str(Path(recipe["output_dir"]) / "checkpoints"),
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
-        )
+        train_kwargs = {
+            **recipe["train"],  # YAML may set checkpoint_every / keep_last / resume too
+            "progress": not args.no_progress,
+            "checkpoint_dir": str(Path(recipe["output_dir"]) / "checkpoints"),
+        }
+        if args.checkpoint_every is not None:
+            train_kwargs["checkpoint_every"] = args.checkpoint_every
+        if args.resume:
+            train_kwargs["resume"] = True
+        train_cfg = TrainConfig(**train_kwargs)
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
 
@@ -213,7 +215,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {exc}") from exc
     print(model.allocation_table() if len(model.allocations) <= 16 else _short_table(model))
     model.print_trainable_parameters()
-    result = train(model, tokenizer, task.train, train_cfg)
+    try:
+        result = train(model, tokenizer, task.train, train_cfg)
+    except ValueError as exc:  # e.g. checkpoints of another run in the output folder
+        raise SystemExit(f"error: {exc}") from exc
     metrics.update({k: v for k, v in result.items() if k != "history"})
     if not args.no_eval:
         ev = evaluate_task(
@@ -264,8 +269,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .model import SpaloraModel
     from .tasks import get_task
 
+    seed = args.seed
+    if seed is None:  # the split the adapter was trained on, so no test example was seen
+        seed = SpaloraConfig.load(args.adapter).seed if args.adapter else 0
     try:
-        task = get_task(args.task, seed=args.seed)
+        task = get_task(args.task, seed=seed)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
     model_name = _base_model_for(args.adapter, args.model)

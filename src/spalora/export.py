@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .hub import hub_id
 from .model import SpaloraModel
 
 
@@ -53,7 +54,7 @@ def save_peft_lora(model: SpaloraModel, out_dir: str | Path) -> Path:
         rank_pattern={n: lay.r for n, lay in ranked.items()},
         alpha_pattern={n: lay.lora_alpha for n, lay in ranked.items()},
         fan_in_fan_out=any(lay.conv1d for lay in ranked.values()),
-        base_model_name_or_path=model.spalora_config.base_model_name_or_path,
+        base_model_name_or_path=hub_id(model.spalora_config.base_model_name_or_path),
         task_type="CAUSAL_LM",
     )
     state = {}

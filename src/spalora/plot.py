@@ -77,13 +77,14 @@ def layer_grid(config: SpaloraConfig) -> tuple[list[str], list[str], dict]:
     for name in sorted(set(config.rank_pattern) | set(config.nnz_pattern)):
         match = re.search(r"\.(\d+)\.", name)
         block = match.group(1) if match else "-"
-        kind = name.rsplit(".", 1)[-1]
+        kind = name[match.end() :] if match else name  # e.g. attn.c_proj vs mlp.c_proj
         cells[(block, kind)] = (config.rank_pattern.get(name, 0), config.nnz_pattern.get(name, 0))
     blocks = sorted(
         {b for b, _ in cells}, key=lambda b: (not b.isdigit(), int(b) if b.isdigit() else 0)
     )
     found = list(dict.fromkeys(k for _, k in cells))
-    kinds = [k for k in MODULE_ORDER if k in found] + [k for k in found if k not in MODULE_ORDER]
+    rank_of = {m: i for i, m in enumerate(MODULE_ORDER)}
+    kinds = sorted(found, key=lambda k: rank_of.get(k.rsplit(".", 1)[-1], len(MODULE_ORDER)))
     return blocks, kinds, cells
 
 

@@ -76,7 +76,7 @@ class MaskSchedule:
                 f"({self.config.mask_strategy})",
                 file=sys.stderr,
             )
-        if self.config.restart_after_mask:
+        if self.config.restart_after_mask and self.steps > 0:  # at step 0 nothing was trained
             self.restart(optimizer)
         self.phase = "joint"
 

@@ -119,7 +119,8 @@ def bbc_topic(seed: int = 0, test_fraction: float = 0.2) -> Task:
 # ------------------------------------------------------------------ arithmetic
 ARITHMETIC_MODULES = ("add_or_sub", "add_sub_multiple", "mul", "div")
 ARITHMETIC_ENTROPY = (2.0, 4.0)  # mathematics-dataset's difficulty; its own train range is 3-10
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/-?\d+)?")
+_NUMBER = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)(?:/-?\d+)?")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
 def _import_arithmetic():
@@ -137,7 +138,7 @@ def _import_arithmetic():
 
 def normalize_number(text: str) -> Fraction | str:
     """The first number in `text` as an exact Fraction ("2.40" == "2.4" == "12/5"), else text."""
-    match = _NUMBER.search(text.replace(",", ""))
+    match = _NUMBER.search(_THOUSANDS.sub("", text))
     if not match:
         return text.strip().lower()
     try:

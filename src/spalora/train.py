@@ -82,9 +82,26 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
     model.train()
     total, lr_step, step, consumed = cfg.steps, 0, 0, 0
     resumed_from = None
-    if cfg.resume and cfg.checkpoint_dir and list_checkpoints(cfg.checkpoint_dir):
-        latest = list_checkpoints(cfg.checkpoint_dir)[-1]
+    signature = {
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "n_examples": len(encoded),
+    }
+    existing = list_checkpoints(cfg.checkpoint_dir) if cfg.checkpoint_dir else []
+    if existing and not cfg.resume and cfg.checkpoint_every:
+        raise ValueError(
+            f"{cfg.checkpoint_dir} holds checkpoints of an earlier run: resume it, "
+            "or remove them or choose another output folder"
+        )
+    if cfg.resume and existing:
+        latest = existing[-1]
         saved = load_checkpoint(latest, model, optimizer)
+        if saved.get("signature") != signature:
+            raise ValueError(
+                f"{latest} was written by a run with {saved.get('signature')}, "
+                f"not {signature}: it cannot be resumed with these settings"
+            )
         step, lr_step, consumed = saved["step"], saved["lr_step"], saved["consumed"]
         resumed_from = step
         history = saved["history"]
@@ -132,6 +149,7 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
                     "step": step,
                     "lr_step": lr_step,
                     "consumed": consumed,
+                    "signature": signature,
                     "schedule": schedule.state_dict(),
                     "history": history,
                 }
