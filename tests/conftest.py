@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from spalora.tasks import Example
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,6 +24,22 @@ def tiny_llama(seed: int = 0):
         max_position_embeddings=64,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+def word_tokenizer():
+    """A 96-word tokenizer matching tiny_llama's vocabulary ("w0" ... "w95")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(96)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="w0", eos_token="w1")
+
+
+WORD_EXAMPLES = [
+    Example(f"w{i % 40 + 2} w{i % 7 + 50}", f"w{i % 7 + 60}") for i in range(64)
+]  # a learnable toy task: the completion depends on the prompt's second word
 
 
 @pytest.fixture

@@ -14,23 +14,10 @@ from safetensors.torch import load_file
 from spalora import SpaloraConfig, get_spalora_model
 from spalora import train as train_module
 from spalora.checkpoint import list_checkpoints
-from spalora.tasks import Example
 from spalora.train import TrainConfig, train
 
-from .conftest import tiny_llama
+from .conftest import WORD_EXAMPLES, tiny_llama, word_tokenizer
 
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(96)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="w0", eos_token="w1")
-
-
-EXAMPLES = [Example(f"w{i % 40 + 2} w{i % 7 + 50}", f"w{i % 7 + 60}") for i in range(64)]
 ADAPTER = dict(method="rosa", r=2, density=0.05, warmup_steps=3, mask_batches=2, lora_dropout=0.1)
 
 
@@ -47,7 +34,7 @@ def run(tmp, steps=14, resume=False, every=4):
         resume=resume,
         seed=3,
     )
-    out = train(model, word_tokenizer(), EXAMPLES, cfg)
+    out = train(model, word_tokenizer(), WORD_EXAMPLES, cfg)
     return model.adapter_state_dict(), out
 
 

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from spalora import MaskSchedule, SpaloraCallback, SpaloraConfig, get_spalora_model
-from spalora.tasks import Example
 from spalora.train import TrainConfig, train
 
-from .conftest import tiny_llama
+from .conftest import WORD_EXAMPLES, tiny_llama, word_tokenizer
 
 
 def fixed_batch():
@@ -96,14 +95,7 @@ def test_restart_recipe_resets_adapters_and_optimizer():
 
 
 def test_training_recipe_with_restart_runs_full_joint_phase():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(96)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="w0", eos_token="w1")
-    examples = [Example(f"w{i % 40 + 2} w{i % 7 + 50}", f"w{i % 7 + 60}") for i in range(64)]
+    tok, examples = word_tokenizer(), WORD_EXAMPLES
     cfg = SpaloraConfig(
         method="rosa", r=2, density=0.05, warmup_steps=4, mask_batches=2, restart_after_mask=True
     )
