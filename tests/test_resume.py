@@ -1,6 +1,8 @@
 """Resumable runs: an interrupted run resumed from its checkpoint ends with the same adapter, bit
 for bit, as an uninterrupted run of the same seed; a crash during a save keeps the last one."""
 
+import json
+import math
 import os
 import signal
 import subprocess
@@ -181,3 +183,60 @@ def test_checkpoints_of_another_run_are_refused(tmp_path):
         run(tmp_path, steps=8, every=4)  # would prune or later resume the old run's files
     with pytest.raises(ValueError, match="cannot be resumed"):
         run(tmp_path, steps=10, every=4, resume=True)  # a different LR schedule length
+
+
+def test_nan_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    real = train_module.completion_loss
+    calls = {"n": 0}
+
+    def nan_on_7th(model, batch):
+        calls["n"] += 1
+        loss = real(model, batch)
+        return loss * float("nan") if calls["n"] == 7 else loss
+
+    monkeypatch.setattr(train_module, "completion_loss", nan_on_7th)
+    model = get_spalora_model(tiny_llama(), SpaloraConfig(**ADAPTER))
+    log = tmp_path / "history.jsonl"
+    cfg = TrainConfig(
+        steps=12,
+        batch_size=8,
+        progress=False,
+        checkpoint_dir=str(tmp_path / "ck"),
+        checkpoint_every=2,
+        log_path=str(log),
+    )
+    with pytest.raises(FloatingPointError, match="loss is nan at step 6"):
+        train(model, word_tokenizer(), WORD_EXAMPLES, cfg)
+    # step 4 fell in mask collection; the newest checkpoint is the last step before the NaN
+    assert [p.name for p in list_checkpoints(tmp_path / "ck")] == ["checkpoint-2", "checkpoint-6"]
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(6))  # written as the run went
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    saved = load_file(
+        str(tmp_path / "ck" / "checkpoint-6" / "adapter" / "adapter_model.safetensors")
+    )
+    assert all(torch.isfinite(v.float()).all() for v in saved.values())
+
+
+def test_gradient_accumulation_matches_the_larger_batch():
+    """2 x 4 micro-batches equal one batch of 8 here (equal completion lengths, no dropout).
+
+    (LoRA only: mask statistics count micro-batches, so a mask would see other sums.)"""
+    adapters = []
+    for batch_size, accum in ((8, 1), (4, 2)):
+        cfg = SpaloraConfig(method="lora", r=2, lora_dropout=0.0)
+        model = get_spalora_model(tiny_llama(), cfg)
+        tc = TrainConfig(
+            steps=8,
+            batch_size=batch_size,
+            grad_accum=accum,
+            lora_lr=1e-2,
+            sparse_lr=1e-2,
+            progress=False,
+            seed=3,
+        )
+        out = train(model, word_tokenizer(), WORD_EXAMPLES, tc)
+        assert out["steps_run"] == 8
+        adapters.append(model.adapter_state_dict())
+    for key, value in adapters[0].items():
+        torch.testing.assert_close(adapters[1][key], value, rtol=1e-4, atol=1e-6)

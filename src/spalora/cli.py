@@ -53,6 +53,7 @@ FLAGS = {
     "mask_batches": ("adapter", "mask_batches"),
     "restart": ("adapter", "restart_after_mask"),
     "steps": ("train", "steps"),
+    "grad_accum": ("train", "grad_accum"),
     "batch_size": ("train", "batch_size"),
     "lora_lr": ("train", "lora_lr"),
     "sparse_lr": ("train", "sparse_lr"),
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--steps", type=int)
     t.add_argument("--batch-size", type=int)
+    t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     t.add_argument("--lora-lr", type=float)
     t.add_argument("--sparse-lr", type=float)
     t.add_argument("--seed", type=int)
@@ -173,6 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             **recipe["train"],  # YAML may set checkpoint_every / keep_last / resume too
             "progress": not args.no_progress,
             "checkpoint_dir": str(Path(recipe["output_dir"]) / "checkpoints"),
+            "log_path": str(Path(recipe["output_dir"]) / "history.jsonl"),
         }
         if args.checkpoint_every is not None:
             train_kwargs["checkpoint_every"] = args.checkpoint_every
@@ -241,9 +244,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         }
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    with open(out / "history.jsonl", "w") as fh:
-        for row in result["history"]:
-            fh.write(json.dumps(row) + "\n")
     print(
         f"[spalora] saved adapter to {adapter_dir} ({size / 1e6:.2f} MB); "
         f"total wall time {metrics['wall_seconds']:.0f} s"

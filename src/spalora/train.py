@@ -4,6 +4,7 @@ gradient clipping) that drives the mask schedule. Explicit config, torchtune sty
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import sys
 import time
@@ -33,6 +34,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints (0: none)
     keep_last: int = 2
     resume: bool = False  # continue from the newest checkpoint in checkpoint_dir
+    grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * this)
+    log_path: str | None = None  # JSONL of per-step loss, phase and LR factor
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -82,9 +85,12 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
     model.train()
     total, lr_step, step, consumed = cfg.steps, 0, 0, 0
     resumed_from = None
+    if cfg.grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {cfg.grad_accum}")
     signature = {
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
         "seed": cfg.seed,
         "n_examples": len(encoded),
     }
@@ -111,6 +117,11 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
             file=sys.stderr,
         )
     stream = batches(encoded, cfg.batch_size, pad, cfg.seed, skip=consumed)
+    log = None
+    if cfg.log_path:  # the loss log is written as the run goes (rewritten from a checkpoint)
+        log = open(cfg.log_path, "w")  # noqa: SIM115  (closed in the finally below)
+        for row in history:
+            log.write(json.dumps(row) + "\n")
     bar = tqdm(total=total, initial=lr_step, desc="training", disable=not cfg.progress)
     start = time.perf_counter()
     try:
@@ -118,18 +129,28 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
             factor = lr_factor(lr_step, cfg.lr_warmup_steps, total)
             for g in optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * factor
-            batch = {k: v.to(device) for k, v in next(stream).items()}
-            consumed += 1
-            loss = completion_loss(model, batch)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}: stopping")
-            loss.backward()
+            total_loss = 0.0
+            for _ in range(cfg.grad_accum):  # micro-batches of one optimizer step
+                batch = {k: v.to(device) for k, v in next(stream).items()}
+                consumed += 1
+                loss = completion_loss(model, batch) / cfg.grad_accum
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(
+                        f"loss is {loss.item()} at step {step}: stopping before the update "
+                        "(the last checkpoint, if any, is the last good state)"
+                    )
+                loss.backward()
+                total_loss += loss.item()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             phase_before = schedule.phase
             schedule.step(optimizer)
-            history.append({"step": step, "loss": loss.item(), "phase": phase_before, "lr": factor})
+            row = {"step": step, "loss": total_loss, "phase": phase_before, "lr": factor}
+            history.append(row)
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
             step += 1
             lr_step += 1
             if schedule.restarted:  # the paper's recipe: train both parts again from step 0
@@ -138,7 +159,7 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
                 bar.reset(total=total)
             else:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", phase=schedule.phase)
+                bar.set_postfix(loss=f"{total_loss:.3f}", phase=schedule.phase)
             # No checkpoint while mask statistics accumulate: they are not part of one.
             if (
                 cfg.checkpoint_every
@@ -157,6 +178,8 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
     finally:
         schedule.close()
         bar.close()
+        if log is not None:
+            log.close()
     return {
         "history": history,
         "train_seconds": time.perf_counter() - start,
