@@ -93,10 +93,15 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]))
 
 
+def read_state(path: str | Path) -> dict:
+    """The run state saved in a checkpoint (step, data position, settings signature, ...)."""
+    return json.loads((Path(path) / STATE_NAME).read_text())
+
+
 def load_checkpoint(path: str | Path, model, optimizer) -> dict:
     """Restore adapter values/masks, optimizer and RNG states; returns the saved run state."""
     path = Path(path)
-    state = json.loads((path / STATE_NAME).read_text())
+    state = read_state(path)
     adapter = load_file(str(path / "adapter" / "adapter_model.safetensors"))
     model.load_adapter_state(adapter)
     tensors = load_file(str(path / OPTIM_NAME))

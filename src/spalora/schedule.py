@@ -65,9 +65,7 @@ class MaskSchedule:
         apply_masks(
             layers, self.config.mask_strategy, self.collector, self.config.seed, progress=False
         )
-        if self.collector is not None:
-            self.collector.detach()
-            self.collector = None
+        self._detach_collector()
         self.mask_step = self.steps
         if self.progress:
             nnz = sum(lay.nnz for lay in layers.values())
@@ -106,11 +104,14 @@ class MaskSchedule:
             self._finish_masking(optimizer)
         return self.phase
 
-    def close(self) -> None:
-        """Detach the statistics hooks; warn when the run ended before the masks were set."""
+    def _detach_collector(self) -> None:
         if self.collector is not None:
             self.collector.detach()
             self.collector = None
+
+    def close(self) -> None:
+        """Detach the statistics hooks; warn when the run ended before the masks were set."""
+        self._detach_collector()
         if self.phase != "joint":
             warnings.warn(
                 f"training ended in the {self.phase!r} phase after {self.steps} steps: the sparse "
@@ -123,9 +124,7 @@ class MaskSchedule:
         """Continue a saved schedule (checkpoints are never taken while statistics accumulate)."""
         if state["phase"] == "collect":
             raise ValueError("cannot resume a schedule in the middle of mask collection")
-        if self.collector is not None and state["phase"] != "collect":
-            self.collector.detach()
-            self.collector = None
+        self._detach_collector()  # a sparse-only schedule starts collecting at construction
         self.steps = state["steps"]
         self.phase = state["phase"]
         self.mask_step = state["mask_step"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, read_state, save_checkpoint
 from .data import batches, encode_example
 from .model import SpaloraModel
 from .schedule import MaskSchedule
@@ -71,22 +71,12 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
     The mask schedule runs inside: warm-up and mask collection count toward `steps`, except with
     restart_after_mask, where the joint phase gets `steps` fresh steps after the restart.
     """
+    if cfg.grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {cfg.grad_accum}")
     torch.manual_seed(cfg.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in examples]
-    groups = model.parameter_groups(cfg.lora_lr, cfg.sparse_lr)
-    for g in groups:
-        g["initial_lr"] = g["lr"]
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    schedule = MaskSchedule(model, progress=cfg.progress)
-    params = [p for g in groups for p in g["params"]]
-    device = next(model.parameters()).device
-    history: list[dict] = []
-    model.train()
-    total, lr_step, step, consumed = cfg.steps, 0, 0, 0
-    resumed_from = None
-    if cfg.grad_accum < 1:
-        raise ValueError(f"grad_accum must be >= 1, got {cfg.grad_accum}")
+    # Every check on earlier checkpoints comes before anything (hooks, adapter values) changes.
     signature = {
         "steps": cfg.steps,
         "batch_size": cfg.batch_size,
@@ -100,14 +90,25 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
             f"{cfg.checkpoint_dir} holds checkpoints of an earlier run: resume it, "
             "or remove them or choose another output folder"
         )
-    if cfg.resume and existing:
-        latest = existing[-1]
+    latest = existing[-1] if cfg.resume and existing else None
+    if latest is not None and read_state(latest).get("signature") != signature:
+        raise ValueError(
+            f"{latest} was written by a run with {read_state(latest).get('signature')}, "
+            f"not {signature}: it cannot be resumed with these settings"
+        )
+    groups = model.parameter_groups(cfg.lora_lr, cfg.sparse_lr)
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    schedule = MaskSchedule(model, progress=cfg.progress)
+    params = [p for g in groups for p in g["params"]]
+    device = next(model.parameters()).device
+    history: list[dict] = []
+    model.train()
+    total, lr_step, step, consumed = cfg.steps, 0, 0, 0
+    resumed_from = None
+    if latest is not None:
         saved = load_checkpoint(latest, model, optimizer)
-        if saved.get("signature") != signature:
-            raise ValueError(
-                f"{latest} was written by a run with {saved.get('signature')}, "
-                f"not {signature}: it cannot be resumed with these settings"
-            )
         step, lr_step, consumed = saved["step"], saved["lr_step"], saved["consumed"]
         resumed_from = step
         history = saved["history"]
