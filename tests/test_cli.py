@@ -45,3 +45,16 @@ def test_seed_and_single_target_name():
     assert recipe["adapter"]["target_modules"] == ["q_proj"]
     args = build_parser().parse_args(["train", "--target-modules", r".*\.(q|v)_proj"])
     assert resolve_recipe(args)["adapter"]["target_modules"] == r".*\.(q|v)_proj"
+
+
+def test_file_task_errors_come_before_the_model_loads(tmp_path):
+    with pytest.raises(SystemExit, match="error: .*missing.jsonl"):
+        main(["train", "--task", "file", "--data", str(tmp_path / "missing.jsonl")])
+    with pytest.raises(SystemExit, match="file task only"):
+        main(["train", "--task", "bbc-topic", "--data", str(tmp_path / "x.jsonl")])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
+    with pytest.raises(SystemExit, match="bad.jsonl row 2: missing 'completion'"):
+        main(["train", "--task", "file", "--data", str(bad), "--strict"])
+    with pytest.raises(SystemExit, match="has 1 usable examples; at least 10 are needed"):
+        main(["train", "--task", "file", "--data", str(bad)])

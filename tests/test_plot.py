@@ -6,7 +6,7 @@ import pytest
 
 from spalora import SpaloraConfig, get_spalora_model
 from spalora.cli import main
-from spalora.plot import layer_grid
+from spalora.plot import layer_grid, saved_shapes
 
 from .conftest import tiny_llama
 
@@ -16,6 +16,9 @@ def test_plot_writes_pngs(tmp_path, capsys):
     with open(tmp_path / "history.jsonl", "w") as fh:
         for i, ph in enumerate(phases):
             fh.write(json.dumps({"step": i, "loss": 2.0 / (i + 1), "phase": ph, "lr": 1.0}) + "\n")
+            if i % 4 == 3:  # periodic validation rows, as train(eval_every=4) writes them
+                row = {"step": i + 1, "validation": {"accuracy": i / 12, "loss": 1 / (i + 1)}}
+                fh.write(json.dumps(row) + "\n")
     wrapped = get_spalora_model(
         tiny_llama(), SpaloraConfig(method="rosa", budget="r2", rank_fraction=0.5)
     )
@@ -32,6 +35,9 @@ def test_plot_writes_pngs(tmp_path, capsys):
         "self_attn.v_proj",
     ]
     assert len(cells) == 14
+    shapes = saved_shapes(tmp_path / "adapter")
+    assert shapes["model.layers.1.mlp.down_proj"] == (32, 48)  # (out, in) of the tiny model
+    assert set(shapes) == set(wrapped.spalora_config.rank_pattern)
 
 
 def test_plot_needs_a_run(tmp_path):

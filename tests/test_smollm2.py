@@ -28,8 +28,12 @@ def bbc():
 
 
 def test_bbc_split_is_stratified_and_disjoint(bbc):
-    assert len(bbc.train) + len(bbc.test) == 2096  # 2,225 articles less repeated headlines
-    assert not {e.prompt for e in bbc.train} & {e.prompt for e in bbc.test}
+    # 2,225 articles less repeated headlines; validation is 10% of train, stratified
+    assert (len(bbc.train), len(bbc.validation), len(bbc.test)) == (1509, 168, 419)
+    splits = [{e.prompt for e in part} for part in (bbc.train, bbc.validation, bbc.test)]
+    assert sum(map(len, splits)) == 2096
+    assert not (splits[0] & splits[1] or splits[0] & splits[2] or splits[1] & splits[2])
+    assert {e.target for e in bbc.validation} == set(bbc.labels)
     counts = {t: sum(e.target == t for e in bbc.test) for t in bbc.labels}
     assert counts == {
         "business": 100,
@@ -96,6 +100,10 @@ def test_cli_train_smoke(tmp_path, capsys):
             "1",
             "--eval-limit",
             "8",
+            "--val-limit",
+            "4",
+            "--eval-every",
+            "2",
             "--output-dir",
             str(tmp_path),
             "--budget",
@@ -106,9 +114,14 @@ def test_cli_train_smoke(tmp_path, capsys):
     assert rc == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["trainable_params"] == 2 * 305_280 and metrics["mask_step"] == 2
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and "zero_shot_accuracy" in metrics
+    assert metrics["metric"] == "accuracy" and 0.0 <= metrics["test"] <= 1.0
+    assert "zero_shot" in metrics and metrics["n_test"] == 8
+    assert set(metrics["validation"]) == {"accuracy", "loss"}
+    history = [json.loads(x) for x in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "validation" in h] == [2]  # none at the last step
+    assert len([h for h in history if "loss" in h]) == 3
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    assert "accuracy after training" in capsys.readouterr().out
+    assert "test accuracy after training" in capsys.readouterr().out
 
     # spalora eval on the saved adapter: the same accuracy as the run's final evaluation
     rc = main(
@@ -125,7 +138,7 @@ def test_cli_train_smoke(tmp_path, capsys):
     )
     assert rc == 0
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert ev["n"] == 8 and ev["accuracy"] == metrics["accuracy"]
+    assert ev["n"] == 8 and ev["value"] == metrics["test"] and ev["metric"] == "accuracy"
     assert ev["model"] == "smollm2-135m"
     rows = (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()
     assert len(rows) == 8 and {"prediction", "target", "correct"} <= set(json.loads(rows[0]))
@@ -186,3 +199,29 @@ def test_readme_quickstart_runs(tmp_path):
     losses = module.main(steps=8, out_dir=str(tmp_path / "adapter"))
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_cli_file_task_train_and_eval(tmp_path, capsys):
+    """Your own data end to end: JSONL with two bad rows, label metric, train then eval."""
+    from spalora.tasks import get_task
+
+    rows = [{"prompt": e.prompt, "completion": e.target} for e in get_task("bbc-topic").test[:40]]
+    rows.insert(5, {"prompt": "a headline without a label"})
+    rows.insert(9, {"prompt": "", "completion": "sport"})
+    data = tmp_path / "headlines.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    common = ["--task", "file", "--data", str(data), "--metric", "label", "--no-progress"]
+    rc = main(
+        ["train", *common, "--steps", "2", "--batch-size", "2", "--method", "lora"]
+        + ["--budget", "r2", "--val-limit", "2", "--output-dir", str(tmp_path / "run")]
+    )
+    assert rc == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["metric"] == "accuracy" and metrics["n_test"] == 4  # 10% of 40 held out
+    assert any("skipped 2 of 42 rows" in note for note in metrics["data_notes"])
+    assert "skipped 2 of 42 rows" in capsys.readouterr().err
+    rc = main(["eval", *common, "--adapter", str(tmp_path / "run" / "adapter")])
+    assert rc == 0
+    ev = json.loads((tmp_path / "run" / "eval-file" / "metrics.json").read_text())
+    assert ev["value"] == metrics["test"] and ev["n"] == 4
+    assert "| file | test |" in capsys.readouterr().out

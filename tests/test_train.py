@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from spalora import MaskSchedule, SpaloraCallback, SpaloraConfig, get_spalora_model
+from spalora.tasks import Example
 from spalora.train import TrainConfig, train
 
 from .conftest import WORD_EXAMPLES, tiny_llama, word_tokenizer
@@ -164,3 +165,97 @@ def test_restart_is_not_triggered_before_any_training():
     )
     schedule = MaskSchedule(get_spalora_model(tiny_llama(), cfg), progress=False)
     assert schedule.phase == "joint" and not schedule.restarted
+
+
+def test_overlong_rule_truncates_or_drops_and_reports():
+    from spalora.data import encode_examples
+
+    tok = word_tokenizer()
+    short = Example("w2 w3", "w4")
+    long_prompt = Example(" ".join(f"w{i}" for i in range(10, 40)), "w5 w6")
+    long_target = Example("w2", " ".join(f"w{i}" for i in range(10, 40)))
+    rows, report = encode_examples(tok, [short, long_prompt, long_target], 20, "truncate")
+    assert report == (
+        "2 of 3 examples exceed 20 tokens: 1 truncated (prompt cut from its start), "
+        "1 dropped (rule 'truncate')"
+    )
+    assert len(rows) == 2 and len(rows[1]["input_ids"]) == 20
+    assert rows[1]["input_ids"][-3:-1] == tok("w5 w6", add_special_tokens=False)["input_ids"]
+    assert sum(x != -100 for x in rows[1]["labels"]) == 3  # the whole completion + EOS kept
+    rows, report = encode_examples(tok, [short, long_prompt], 20, "drop")
+    assert len(rows) == 1 and report.endswith(
+        "0 truncated (prompt cut from its start), 1 dropped (rule 'drop')"
+    )
+    assert encode_examples(tok, [short], 20)[1] is None
+    with pytest.raises(ValueError, match="all 1 examples are longer"):
+        encode_examples(tok, [long_target], 20, "truncate")
+    with pytest.raises(ValueError, match="overlong must be one of"):
+        encode_examples(tok, [short], 20, "wrap")
+
+
+def test_bf16_autocast_trains():
+    model = get_spalora_model(
+        tiny_llama(), SpaloraConfig(method="rosa", budget="r4", warmup_steps=2, mask_batches=1)
+    )
+    cfg = TrainConfig(
+        steps=12, batch_size=8, bf16=True, progress=False, lora_lr=2e-2, sparse_lr=2e-2
+    )
+    result = train(model, word_tokenizer(), WORD_EXAMPLES, cfg)
+    losses = [h["loss"] for h in result["history"]]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.float32 for p in params)  # adapters stay fp32
+
+
+def test_periodic_validation_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from spalora.evaluate import completion_loss_of
+
+    tok = word_tokenizer()
+    model = get_spalora_model(tiny_llama(), SpaloraConfig(method="lora", r=2))
+    calls = []
+
+    def on_validation(m):
+        calls.append(m.training)
+        return {"loss": completion_loss_of(m, tok, WORD_EXAMPLES[:16], progress=False)["loss"]}
+
+    cfg = TrainConfig(
+        steps=7,
+        batch_size=8,
+        eval_every=3,
+        progress=False,
+        log_path=str(tmp_path / "history.jsonl"),
+        tensorboard_dir=str(tmp_path / "tb"),
+    )
+    result = train(model, tok, WORD_EXAMPLES, cfg, on_validation)
+    evals = [h for h in result["history"] if "validation" in h]
+    assert [h["step"] for h in evals] == [3, 6] and calls == [True, True]
+    assert model.training  # evaluation put the model back in training mode
+    logged = (tmp_path / "history.jsonl").read_text().splitlines()
+    assert len(logged) == 7 + 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert len(events.Scalars("train/loss")) == 7
+    assert [e.step for e in events.Scalars("validation/loss")] == [3, 6]
+    with pytest.raises(ValueError, match="no evaluate_fn"):
+        train(model, tok, WORD_EXAMPLES, TrainConfig(steps=1, eval_every=1, progress=False))
+
+
+def test_loss_evaluation_counts_every_completion_token():
+    from spalora.data import collate, encode_example
+    from spalora.evaluate import completion_loss_of
+
+    tok = word_tokenizer()
+    model = tiny_llama()
+    examples = WORD_EXAMPLES[:5] + [Example("w3 w4 w5", "w60 w61 w62 w63 w64")]
+    got = completion_loss_of(model, tok, examples, batch_size=2, progress=False)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:  # one at a time: a token-weighted mean, not a mean of batch means
+            batch = collate([encode_example(tok, ex)], 0)
+            k = int((batch["labels"][:, 1:] != -100).sum())
+            total += model(**batch).loss.item() * k
+            n += k
+    assert got["tokens"] == n and abs(got["loss"] - total / n) < 1e-5

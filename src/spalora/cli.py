@@ -1,5 +1,5 @@
 """Command line: `spalora train` (the default: RoSA on SmolLM2 + BBC headlines), `spalora eval`,
-`spalora merge`."""
+`spalora merge`, `spalora plot`."""
 
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ DEFAULTS = {
     "task": "bbc-topic",
     "output_dir": "runs/default",
     "eval_limit": None,
+    "val_limit": None,
     "eval_batch_size": 32,
+    # The `file` task (your own data): path, eval_path, metric, prompt_field, completion_field,
+    # strict; see `spalora train --help`.
+    "data": {},
     "adapter": {
         "method": "rosa",
         "budget": "r8",
@@ -33,7 +37,13 @@ DEFAULTS = {
         "warmup_steps": 40,
         "mask_batches": 8,
     },
-    "train": {"steps": 150, "batch_size": 8, "lora_lr": 1e-3, "sparse_lr": 3e-4},
+    "train": {
+        "steps": 150,
+        "batch_size": 8,
+        "lora_lr": 1e-3,
+        "sparse_lr": 3e-4,
+        "eval_every": 50,
+    },
 }
 
 # flag -> (section, key); section None means top level.
@@ -42,6 +52,13 @@ FLAGS = {
     "task": (None, "task"),
     "output_dir": (None, "output_dir"),
     "eval_limit": (None, "eval_limit"),
+    "val_limit": (None, "val_limit"),
+    "data": ("data", "path"),
+    "eval_data": ("data", "eval_path"),
+    "metric": ("data", "metric"),
+    "prompt_field": ("data", "prompt_field"),
+    "completion_field": ("data", "completion_field"),
+    "strict": ("data", "strict"),
     "method": ("adapter", "method"),
     "budget": ("adapter", "budget"),
     "rank_fraction": ("adapter", "rank_fraction"),
@@ -58,7 +75,36 @@ FLAGS = {
     "lora_lr": ("train", "lora_lr"),
     "sparse_lr": ("train", "sparse_lr"),
     "seed": ("train", "seed"),
+    "max_length": ("train", "max_length"),
+    "overlong": ("train", "overlong"),
+    "eval_every": ("train", "eval_every"),
+    "bf16": ("train", "bf16"),
 }
+
+TASK_HELP = (
+    "bbc-topic (default), arithmetic, gsm-symbolic, or file (your data: --data PATH with "
+    "prompt/completion or chat messages, as JSONL, JSON, CSV or a datasets folder)"
+)
+
+
+def add_data_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the `file` task, shared by train and eval."""
+    p.add_argument("--data", help="file task: .jsonl/.json/.csv or a datasets save_to_disk folder")
+    p.add_argument("--eval-data", help="file task: a separate test file (else 10%% is held out)")
+    p.add_argument(
+        "--metric",
+        choices=["exact", "label", "number", "loss"],
+        help="file task: exact match, accuracy over the label set, final-number match, "
+        "or loss/perplexity only (default exact)",
+    )
+    p.add_argument("--prompt-field", help="file task: prompt column (default prompt)")
+    p.add_argument("--completion-field", help="file task: completion column (default completion)")
+    p.add_argument(
+        "--strict",
+        action="store_const",
+        const=True,
+        help="file task: fail on the first bad row (default: skip bad rows and report them)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--config", help="YAML recipe (see configs/); flags override it")
     t.add_argument("--model", help="'smollm2-135m' (embedded), a local folder or a hub id")
-    t.add_argument("--task", help="task name (bbc-topic)")
+    t.add_argument("--task", help=TASK_HELP)
+    add_data_flags(t)
     t.add_argument("--output-dir", help="where the adapter and metrics.json go")
     t.add_argument("--method", choices=["lora", "sparse", "rosa"])
     t.add_argument("--budget", help="'r8' (as LoRA r=8), '0.5%%' of the model, or a count")
@@ -92,7 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-lr", type=float)
     t.add_argument("--sparse-lr", type=float)
     t.add_argument("--seed", type=int)
+    t.add_argument("--max-length", type=int, help="tokens per training example (default 256)")
+    t.add_argument(
+        "--overlong",
+        choices=["truncate", "drop"],
+        help="examples over --max-length: cut the prompt from its start (default) or drop them",
+    )
+    t.add_argument("--bf16", action="store_const", const=True, help="bfloat16 autocast")
+    t.add_argument(
+        "--eval-every",
+        type=int,
+        help="evaluate on the validation split every N steps (default 50; 0: never)",
+    )
     t.add_argument("--eval-limit", type=int, help="evaluate on the first N test examples only")
+    t.add_argument("--val-limit", type=int, help="first N validation examples only")
     t.add_argument("--no-eval", action="store_true", help="skip zero-shot and final evaluation")
     t.add_argument(
         "--checkpoint-every",
@@ -108,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a saved adapter (or the base model) on a task")
     e.add_argument("--adapter", help="adapter folder; omit for the base model alone (zero-shot)")
-    e.add_argument("--task", default="bbc-topic")
+    e.add_argument("--task", default="bbc-topic", help=TASK_HELP)
+    add_data_flags(e)
+    e.add_argument("--split", choices=["test", "validation"], default="test")
     e.add_argument("--model", help="base model (default: the one recorded in the adapter)")
     e.add_argument("--limit", type=int, help="first N test examples only")
     e.add_argument("--batch-size", type=int, default=32)
@@ -185,32 +247,39 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
 
-    from .evaluate import evaluate_task
+    from .evaluate import completion_loss_of, evaluate_task, format_value
     from .hub import load_model_and_tokenizer
     from .model import get_spalora_model
-    from .tasks import get_task
     from .train import train
 
     out = Path(recipe["output_dir"])
     started = time.perf_counter()
+    task = _load_task(recipe["task"], train_cfg.seed, recipe["data"])
     print(f"[spalora] loading {recipe['model']}", file=sys.stderr, flush=True)
     model, tokenizer = load_model_and_tokenizer(recipe["model"])
-    task = get_task(recipe["task"], seed=train_cfg.seed)
     test = task.test[: recipe["eval_limit"]] if recipe["eval_limit"] else task.test
-    print(f"[spalora] task {task.summary()}; evaluating on {len(test)}", file=sys.stderr)
+    validation = task.validation[: recipe["val_limit"]] if recipe["val_limit"] else task.validation
+    print(f"[spalora] task {task.summary()}; testing on {len(test)}", file=sys.stderr)
+    for note in task.notes:
+        print(f"[spalora] data: {note}", file=sys.stderr)
     progress = not args.no_progress
-    metrics: dict = {"recipe": recipe}
+    metric = task.metric
+    metrics: dict = {"recipe": recipe, "metric": metric, "data_notes": task.notes}
     out.mkdir(parents=True, exist_ok=True)
     zero_shot_file = out / "zero_shot.json"
     if not args.no_eval and args.resume and zero_shot_file.exists():
-        metrics["zero_shot_accuracy"] = json.loads(zero_shot_file.read_text())["accuracy"]
+        metrics["zero_shot"] = json.loads(zero_shot_file.read_text())["value"]
     elif not args.no_eval:
         zs = evaluate_task(
             model, tokenizer, task, test, recipe["eval_batch_size"], progress, "zero-shot eval"
         )
-        metrics["zero_shot_accuracy"] = zs["accuracy"]
-        zero_shot_file.write_text(json.dumps({"accuracy": zs["accuracy"], "n": zs["n"]}))
-        print(f"[spalora] zero-shot accuracy: {zs['accuracy']:.2%} on {zs['n']} held-out examples")
+        metrics["zero_shot"] = zs["value"]
+        zs_row = {"metric": metric, "value": zs["value"], "n": zs["n"]}
+        zero_shot_file.write_text(json.dumps(zs_row))
+        print(
+            f"[spalora] zero-shot {metric}: {format_value(metric, zs['value'])} "
+            f"on {zs['n']} held-out examples"
+        )
     adapter_cfg.base_model_name_or_path = recipe["model"]  # what `spalora eval/merge` reload
     try:
         model = get_spalora_model(model, adapter_cfg)
@@ -218,20 +287,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {exc}") from exc
     print(model.allocation_table() if len(model.allocations) <= 16 else _short_table(model))
     model.print_trainable_parameters()
+
+    def on_validation(m) -> dict[str, float]:
+        """The task metric (unless loss-only) and the completion loss on the validation split."""
+        values = {"loss": completion_loss_of(m, tokenizer, validation, progress=False)["loss"]}
+        if task.score is not None:
+            result = evaluate_task(
+                m, tokenizer, task, validation, recipe["eval_batch_size"], False, "validation"
+            )
+            values[metric] = result["value"]
+        return values
+
+    if not validation:
+        train_cfg.eval_every = 0
     try:
-        result = train(model, tokenizer, task.train, train_cfg)
+        result = train(model, tokenizer, task.train, train_cfg, on_validation)
     except ValueError as exc:  # e.g. checkpoints of another run in the output folder
         raise SystemExit(f"error: {exc}") from exc
     metrics.update({k: v for k, v in result.items() if k != "history"})
     if not args.no_eval:
+        if validation:
+            metrics["validation"] = on_validation(model)
         ev = evaluate_task(
             model, tokenizer, task, test, recipe["eval_batch_size"], progress, "final eval"
         )
-        metrics["accuracy"] = ev["accuracy"]
-        print(
-            f"[spalora] accuracy after training: {ev['accuracy']:.2%} "
-            f"(zero-shot {metrics['zero_shot_accuracy']:.2%})"
-        )
+        metrics["test"] = ev["value"]
+        metrics["n_test"] = ev["n"]
+        line = f"[spalora] test {metric} after training: {format_value(metric, ev['value'])}"
+        if "zero_shot" in metrics:
+            line += f" (zero-shot {format_value(metric, metrics['zero_shot'])})"
+        print(line)
     adapter_dir = out / "adapter"
     model.save_pretrained(adapter_dir)
     size = (adapter_dir / "adapter_model.safetensors").stat().st_size
@@ -251,6 +336,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_task(name: str, seed: int, data: dict):
+    """The task, or a clean exit with the loader's message (bad file, too few rows, ...)."""
+    from .tasks import get_task
+
+    try:
+        return get_task(name, seed=seed, **data)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+
+
 def _base_model_for(adapter: str | None, model: str | None) -> str:
     if model:
         return model
@@ -264,25 +359,32 @@ def _base_model_for(adapter: str | None, model: str | None) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_task
+    from .evaluate import evaluate_task, format_value
     from .hub import load_model_and_tokenizer
     from .model import SpaloraModel
-    from .tasks import get_task
 
     seed = args.seed
     if seed is None:  # the split the adapter was trained on, so no test example was seen
         seed = SpaloraConfig.load(args.adapter).seed if args.adapter else 0
-    try:
-        task = get_task(args.task, seed=seed)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    data = {
+        "path": args.data,
+        "eval_path": args.eval_data,
+        "metric": args.metric,
+        "prompt_field": args.prompt_field,
+        "completion_field": args.completion_field,
+        "strict": args.strict,
+    }
+    task = _load_task(args.task, seed, data if args.task == "file" else {})
+    for note in task.notes:
+        print(f"[spalora] data: {note}", file=sys.stderr)
     model_name = _base_model_for(args.adapter, args.model)
     started = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(model_name)
     if args.adapter:
         model = SpaloraModel.from_pretrained(model, args.adapter)
-    test = task.test[: args.limit] if args.limit else task.test
-    result = evaluate_task(model, tokenizer, task, test, args.batch_size, not args.no_progress)
+    examples = task.test if args.split == "test" else task.validation
+    examples = examples[: args.limit] if args.limit else examples
+    result = evaluate_task(model, tokenizer, task, examples, args.batch_size, not args.no_progress)
     default_out = Path(args.adapter).parent if args.adapter else Path("runs")
     out = Path(args.output_dir) if args.output_dir else default_out / f"eval-{task.name}"
     out.mkdir(parents=True, exist_ok=True)
@@ -292,19 +394,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     metrics = {
         "task": task.name,
+        "split": args.split,
         "adapter": args.adapter,
         "model": model_name,
+        "metric": result["metric"],
+        "value": result["value"],
         "n": result["n"],
-        "accuracy": result["accuracy"],
         "seconds": seconds,
     }
+    if "loss" in result:
+        metrics["loss"] = result["loss"]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    n_correct = sum(row["correct"] for row in result["predictions"])
+    correct = f"{n_correct}/{result['n']}" if result["predictions"] else "-"
     print(
-        f"| task | adapter | n | accuracy |\n| --- | --- | ---: | ---: |\n"
-        f"| {task.name} | {args.adapter or '(base model)'} | {result['n']} | "
-        f"{result['accuracy']:.2%} |"
+        f"| task | split | adapter | n | correct | {result['metric']} |\n"
+        "| --- | --- | --- | ---: | ---: | ---: |\n"
+        f"| {task.name} | {args.split} | {args.adapter or '(base model)'} | {result['n']} | "
+        f"{correct} | {format_value(result['metric'], result['value'])} |"
     )
-    print(f"[spalora] predictions: {out / 'predictions.jsonl'} ({seconds:.0f} s)")
+    where = out / "predictions.jsonl" if result["predictions"] else out / "metrics.json"
+    print(f"[spalora] wrote {where} ({seconds:.0f} s)")
     return 0
 
 

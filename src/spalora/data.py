@@ -10,16 +10,18 @@ import torch
 from .tasks import Example
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a user prompt, with the model's chat template when it has one."""
+def prompt_ids(tokenizer, prompt: str, history: tuple[tuple[str, str], ...] = ()) -> list[int]:
+    """Token ids of a user prompt (after earlier chat turns `history`), with the model's chat
+    template when it has one, else as "role: content" lines."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
+        messages = [{"role": r, "content": c} for r, c in history]
+        messages.append({"role": "user", "content": prompt})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
-    return tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
+    context = "".join(f"{role}: {content}\n" for role, content in history)
+    return tokenizer(context + prompt + "\n", add_special_tokens=True)["input_ids"]
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
@@ -34,11 +36,54 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 
 def encode_example(tokenizer, ex: Example, max_length: int = 256) -> dict[str, list[int]]:
     """input_ids and labels (-100 on the prompt), truncated from the left of the prompt."""
-    p = prompt_ids(tokenizer, ex.prompt)
+    p = prompt_ids(tokenizer, ex.prompt, ex.history)
     t = tokenizer(ex.target, add_special_tokens=False)["input_ids"] + end_of_turn_ids(tokenizer)
     ids = (p + t)[-max_length:]
     labels = ([-100] * len(p) + t)[-max_length:]
     return {"input_ids": ids, "labels": labels}
+
+
+OVERLONG_RULES = ("truncate", "drop")
+MIN_PROMPT_TOKENS = 8  # a truncated example keeps at least this much of its prompt
+
+
+def encode_examples(
+    tokenizer, examples: list[Example], max_length: int, overlong: str = "truncate"
+) -> tuple[list[dict[str, list[int]]], str | None]:
+    """Encode examples under one explicit rule for those longer than `max_length` tokens.
+
+    "truncate": the prompt is cut from its start so that the end of the prompt and the whole
+    completion fit; an example whose completion leaves fewer than 8 prompt tokens is dropped.
+    "drop": every over-long example is dropped. Returns the encoded rows and a report line
+    (None when nothing was over-long).
+    """
+    if overlong not in OVERLONG_RULES:
+        raise ValueError(f"overlong must be one of {OVERLONG_RULES}, got {overlong!r}")
+    encoded, truncated, dropped = [], 0, 0
+    for ex in examples:
+        row = encode_example(tokenizer, ex, max_length=10**9)
+        n = len(row["input_ids"])
+        if n > max_length:
+            n_target = sum(label != -100 for label in row["labels"])
+            if overlong == "drop" or n_target > max_length - MIN_PROMPT_TOKENS:
+                dropped += 1
+                continue
+            truncated += 1
+            row = {k: v[-max_length:] for k, v in row.items()}
+        encoded.append(row)
+    if not encoded:
+        raise ValueError(
+            f"all {len(examples)} examples are longer than max_length={max_length} tokens "
+            f"(rule {overlong!r}); raise max_length"
+        )
+    if not truncated and not dropped:
+        return encoded, None
+    report = (
+        f"{truncated + dropped} of {len(examples)} examples exceed {max_length} tokens: "
+        f"{truncated} truncated (prompt cut from its start), {dropped} dropped "
+        f"(rule {overlong!r})"
+    )
+    return encoded, report
 
 
 def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,11 +1,14 @@
-"""Generation-based evaluation: batched greedy decoding with the KV cache, then the task metric."""
+"""Evaluation: batched greedy generation with the KV cache scored by the task's metric, or, for
+loss-only tasks, the completion loss and perplexity."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import end_of_turn_ids, prompt_ids
+from .data import collate, encode_examples, end_of_turn_ids, prompt_ids
 from .tasks import Example
 
 
@@ -18,15 +21,17 @@ def generate(
     batch_size: int = 32,
     progress: bool = True,
     desc: str = "evaluating",
+    histories: list[tuple[tuple[str, str], ...]] | None = None,
 ) -> list[str]:
-    """Greedy completions of chat-templated prompts, left-padded in batches."""
+    """Greedy completions of chat-templated prompts (after optional earlier turns), left-padded
+    in batches of similar length."""
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop = end_of_turn_ids(tokenizer) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id else [])
     device = next(model.parameters()).device
-    outputs: list[str] = []
-    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    histories = histories or [()] * len(prompts)
+    encoded = [prompt_ids(tokenizer, p, h) for p, h in zip(prompts, histories, strict=True)]
     # Sort by length so batches pad little; restore the order at the end.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     by_index: dict[int, str] = {}
@@ -50,8 +55,37 @@ def generate(
         for row, i in enumerate(idx):
             by_index[i] = tokenizer.decode(out[row, n:], skip_special_tokens=True)
     model.train(was_training)
-    outputs = [by_index[i] for i in range(len(prompts))]
-    return outputs
+    return [by_index[i] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def completion_loss_of(
+    model,
+    tokenizer,
+    examples: list[Example],
+    batch_size: int = 16,
+    max_length: int = 512,
+    progress: bool = True,
+    desc: str = "loss",
+) -> dict:
+    """Mean loss per completion token over `examples` (summed over tokens, not batch means)."""
+    from .train import completion_loss
+
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    encoded, _ = encode_examples(tokenizer, examples, max_length, "truncate")
+    total, tokens = 0.0, 0
+    for start in tqdm(range(0, len(encoded), batch_size), desc=desc, disable=not progress):
+        batch = collate(encoded[start : start + batch_size], pad)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        loss = completion_loss(model, {k: v.to(device) for k, v in batch.items()})
+        total += float(loss) * n
+        tokens += n
+    model.train(was_training)
+    mean = total / max(1, tokens)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": tokens}
 
 
 def evaluate_task(
@@ -63,8 +97,21 @@ def evaluate_task(
     progress: bool = True,
     desc: str = "evaluating",
 ) -> dict:
-    """Metric of `task` on `examples` (default: its test split), with the predictions."""
+    """`task`'s metric on `examples` (default: its test split).
+
+    Returns {"metric": name, "value": number, "n": count, "predictions": rows}; a loss-only task
+    (score None) reports perplexity and has no predictions.
+    """
     examples = task.test if examples is None else examples
+    if task.score is None:
+        result = completion_loss_of(model, tokenizer, examples, progress=progress, desc=desc)
+        return {
+            "metric": task.metric,
+            "value": result["perplexity"],
+            "loss": result["loss"],
+            "n": len(examples),
+            "predictions": [],
+        }
     preds = generate(
         model,
         tokenizer,
@@ -73,13 +120,20 @@ def evaluate_task(
         batch_size,
         progress,
         desc,
+        histories=[e.history for e in examples],
     )
     correct = [task.score(p, e.target) for p, e in zip(preds, examples, strict=True)]
     return {
-        "accuracy": sum(correct) / max(1, len(correct)),
+        "metric": task.metric,
+        "value": sum(correct) / max(1, len(correct)),
         "n": len(correct),
         "predictions": [
             {"prompt": e.prompt, "target": e.target, "prediction": p, "correct": c}
             for e, p, c in zip(examples, preds, correct, strict=True)
         ],
     }
+
+
+def format_value(metric: str, value: float) -> str:
+    """0.85 -> '85.00%' for rate metrics; perplexity as a plain number."""
+    return f"{value:.2f}" if metric == "perplexity" else f"{value:.2%}"

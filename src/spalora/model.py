@@ -252,7 +252,14 @@ class SpaloraModel(nn.Module):
         save_file(
             self.adapter_state_dict(),
             str(out / WEIGHTS_NAME),
-            metadata={"format": "pt", "spalora_config": json.dumps(self.spalora_config.to_dict())},
+            metadata={
+                "format": "pt",
+                "spalora_config": json.dumps(self.spalora_config.to_dict()),
+                # [out, in] per adapted layer: lets plots show densities without the base model
+                "shapes": json.dumps(
+                    {a.name: [a.out_features, a.in_features] for a in self.allocations}
+                ),
+            },
         )
 
     @classmethod

@@ -1,5 +1,6 @@
-"""`spalora plot RUN_DIR`: PNGs of a run — loss over steps (phases shaded) and the adapter's
-per-layer rank and density as heat maps over layers x module type."""
+"""`spalora plot RUN_DIR`: PNGs of a run — loss over steps (phases shaded) with the validation
+metric over steps, and the adapter's per-layer rank and density as heat maps over layers x module
+type."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import re
 from pathlib import Path
 
-from .config import SpaloraConfig
+from .config import WEIGHTS_NAME, SpaloraConfig
 
 MODULE_ORDER = (
     "q_proj",
@@ -32,18 +33,26 @@ def read_history(run_dir: Path) -> list[dict]:
 
 
 def plot_loss(history: list[dict], out: Path) -> Path:
+    """Training loss (phases shaded) and, when the run evaluated on its validation split, the
+    validation numbers over steps in a second panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [h["step"] for h in history]
-    losses = [h["loss"] for h in history]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    train_rows = [h for h in history if "loss" in h]
+    evals = [h for h in history if "validation" in h]
+    if not train_rows:
+        raise FileNotFoundError("history.jsonl has no training steps yet")
+    n_panels = 2 if evals else 1
+    fig, axes = plt.subplots(n_panels, 1, figsize=(7, 3.6 * n_panels), sharex=True, squeeze=False)
+    ax = axes[0, 0]
+    steps = [h["step"] for h in train_rows]
+    losses = [h["loss"] for h in train_rows]
     start = 0
-    for i in range(1, len(history) + 1):  # shade each phase's span of steps
-        if i == len(history) or history[i]["phase"] != history[start]["phase"]:
-            phase = history[start]["phase"]
+    for i in range(1, len(train_rows) + 1):  # shade each phase's span of steps
+        if i == len(train_rows) or train_rows[i]["phase"] != train_rows[start]["phase"]:
+            phase = train_rows[start]["phase"]
             ax.axvspan(
                 steps[start] - 0.5,
                 steps[i - 1] + 0.5,
@@ -62,9 +71,19 @@ def plot_loss(history: list[dict], out: Path) -> Path:
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), loc="upper right")
-    ax.set_xlabel("step")
     ax.set_ylabel("training loss (completion tokens)")
     ax.set_title("training loss")
+    if evals:
+        vax = axes[1, 0]
+        names = list(dict.fromkeys(k for h in evals for k in h["validation"]))
+        for name in names:
+            points = [(h["step"], h["validation"][name]) for h in evals if name in h["validation"]]
+            target = vax if name != "loss" else vax.twinx()
+            target.plot(*zip(*points, strict=True), marker="o", label=f"validation {name}")
+            target.set_ylabel(f"validation {name}")
+            target.legend(loc="lower right" if name != "loss" else "upper right")
+        vax.set_title("validation split during training")
+    axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -88,8 +107,17 @@ def layer_grid(config: SpaloraConfig) -> tuple[list[str], list[str], dict]:
     return blocks, kinds, cells
 
 
-def plot_allocation(adapter_dir: Path, out: Path, shapes: dict[str, int] | None = None) -> Path:
-    """Heat maps of rank and nonzeros per layer (rows: module type, columns: block)."""
+def saved_shapes(adapter_dir: Path) -> dict[str, tuple[int, int]]:
+    """{layer: (out, in)} from the adapter file's metadata (empty for adapters saved without)."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / WEIGHTS_NAME), framework="pt") as fh:
+        metadata = fh.metadata() or {}
+    return {k: tuple(v) for k, v in json.loads(metadata.get("shapes", "{}")).items()}
+
+
+def plot_allocation(adapter_dir: Path, out: Path) -> Path:
+    """Heat maps of rank and sparse density per layer (rows: module type, columns: block)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,17 +125,21 @@ def plot_allocation(adapter_dir: Path, out: Path, shapes: dict[str, int] | None 
     import numpy as np
 
     config = SpaloraConfig.load(adapter_dir)
+    shapes = saved_shapes(adapter_dir)
     blocks, kinds, cells = layer_grid(config)
     rank = np.zeros((len(kinds), len(blocks)))
-    nnz = np.zeros((len(kinds), len(blocks)))
+    sparse = np.zeros((len(kinds), len(blocks)))
+    names = {}
+    for name in set(config.rank_pattern) | set(config.nnz_pattern):
+        match = re.search(r"\.(\d+)\.", name)
+        names[(match.group(1), name[match.end() :]) if match else ("-", name)] = name
     for (b, k), (r, n) in cells.items():
         rank[kinds.index(k), blocks.index(b)] = r
-        nnz[kinds.index(k), blocks.index(b)] = n
+        shape = shapes.get(names.get((b, k), ""))
+        sparse[kinds.index(k), blocks.index(b)] = 100 * n / (shape[0] * shape[1]) if shape else n
+    sparse_title = "sparse density per layer (%)" if shapes else "sparse nonzeros per layer"
     fig, axes = plt.subplots(2, 1, figsize=(max(6, len(blocks) * 0.3 + 2), 1.2 * len(kinds) + 2.5))
-    for ax, data, title in (
-        (axes[0], rank, "rank r per layer"),
-        (axes[1], nnz, "sparse nonzeros per layer"),
-    ):
+    for ax, data, title in ((axes[0], rank, "rank r per layer"), (axes[1], sparse, sparse_title)):
         im = ax.imshow(data, aspect="auto", cmap="viridis")
         ax.set_yticks(range(len(kinds)), kinds)
         ax.set_xticks(range(len(blocks)), blocks, fontsize=7)

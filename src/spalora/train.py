@@ -8,13 +8,15 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import list_checkpoints, load_checkpoint, read_state, save_checkpoint
-from .data import batches, encode_example
+from .data import batches, encode_examples
 from .model import SpaloraModel
 from .schedule import MaskSchedule
 
@@ -35,7 +37,11 @@ class TrainConfig:
     keep_last: int = 2
     resume: bool = False  # continue from the newest checkpoint in checkpoint_dir
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * this)
-    log_path: str | None = None  # JSONL of per-step loss, phase and LR factor
+    log_path: str | None = None  # JSONL of per-step loss, phase and LR factor (+ eval rows)
+    eval_every: int = 0  # optimizer steps between validation evaluations (0: none)
+    bf16: bool = False  # bfloat16 autocast for forward/backward (adapters stay fp32)
+    tensorboard_dir: str | None = None  # also log to TensorBoard here (needs `tensorboard`)
+    overlong: str = "truncate"  # rule for examples over max_length: "truncate" or "drop"
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -65,17 +71,45 @@ def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     )
 
 
-def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
+def tensorboard_writer(log_dir: str | None):
+    """A SummaryWriter when a folder is asked for and TensorBoard is installed, else None."""
+    if not log_dir:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's writer needs the `tensorboard` package
+        tqdm.write(
+            "[spalora] TensorBoard is not installed (pip install tensorboard): "
+            "logging to history.jsonl only",
+            file=sys.stderr,
+        )
+        return None
+    return SummaryWriter(log_dir)
+
+
+def train(
+    model: SpaloraModel,
+    tokenizer,
+    examples,
+    cfg: TrainConfig,
+    evaluate_fn: Callable[[SpaloraModel], dict[str, float]] | None = None,
+) -> dict:
     """Train `model` on prompt/target `examples`; returns the loss history and timings.
 
     The mask schedule runs inside: warm-up and mask collection count toward `steps`, except with
     restart_after_mask, where the joint phase gets `steps` fresh steps after the restart.
+    `evaluate_fn(model)` (e.g. the validation metric) runs every `eval_every` steps; its numbers
+    go into the history as {"step": s, "validation": {...}}.
     """
     if cfg.grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {cfg.grad_accum}")
+    if cfg.eval_every and evaluate_fn is None:
+        raise ValueError("eval_every is set but no evaluate_fn was given")
     torch.manual_seed(cfg.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = [encode_example(tokenizer, ex, cfg.max_length) for ex in examples]
+    encoded, length_report = encode_examples(tokenizer, examples, cfg.max_length, cfg.overlong)
+    if length_report:
+        tqdm.write(f"[spalora] training data: {length_report}", file=sys.stderr)
     # Every check on earlier checkpoints comes before anything (hooks, adapter values) changes.
     signature = {
         "steps": cfg.steps,
@@ -123,6 +157,22 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
         log = open(cfg.log_path, "w")  # noqa: SIM115  (closed in the finally below)
         for row in history:
             log.write(json.dumps(row) + "\n")
+    writer = tensorboard_writer(cfg.tensorboard_dir)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+
+    def record(row: dict) -> None:
+        history.append(row)
+        if log is not None:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        if writer is not None:
+            for key, value in row.items():
+                if isinstance(value, dict):  # {"validation": {"accuracy": ...}}
+                    for name, v in value.items():
+                        writer.add_scalar(f"{key}/{name}", v, row["step"])
+                elif key in ("loss", "lr"):
+                    writer.add_scalar(f"train/{key}", value, row["step"])
+
     bar = tqdm(total=total, initial=lr_step, desc="training", disable=not cfg.progress)
     start = time.perf_counter()
     try:
@@ -134,7 +184,8 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
             for _ in range(cfg.grad_accum):  # micro-batches of one optimizer step
                 batch = {k: v.to(device) for k, v in next(stream).items()}
                 consumed += 1
-                loss = completion_loss(model, batch) / cfg.grad_accum
+                with autocast:
+                    loss = completion_loss(model, batch) / cfg.grad_accum
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(
                         f"loss is {loss.item()} at step {step}: stopping before the update "
@@ -147,11 +198,7 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             phase_before = schedule.phase
             schedule.step(optimizer)
-            row = {"step": step, "loss": total_loss, "phase": phase_before, "lr": factor}
-            history.append(row)
-            if log is not None:
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+            record({"step": step, "loss": total_loss, "phase": phase_before, "lr": factor})
             step += 1
             lr_step += 1
             if schedule.restarted:  # the paper's recipe: train both parts again from step 0
@@ -161,6 +208,8 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
             else:
                 bar.update(1)
                 bar.set_postfix(loss=f"{total_loss:.3f}", phase=schedule.phase)
+            if cfg.eval_every and step % cfg.eval_every == 0 and lr_step < total:
+                record({"step": step, "validation": evaluate_fn(model)})
             # No checkpoint while mask statistics accumulate: they are not part of one.
             if (
                 cfg.checkpoint_every
@@ -181,6 +230,8 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
         bar.close()
         if log is not None:
             log.close()
+        if writer is not None:
+            writer.close()
     return {
         "history": history,
         "train_seconds": time.perf_counter() - start,
@@ -188,4 +239,5 @@ def train(model: SpaloraModel, tokenizer, examples, cfg: TrainConfig) -> dict:
         "mask_step": schedule.mask_step,
         "final_phase": schedule.phase,
         "resumed_from": resumed_from,
+        "length_report": length_report,
     }
