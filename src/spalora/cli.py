@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -188,6 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="write PEFT's LoRA format instead of merging (LoRA-only adapters)",
     )
 
+    b = sub.add_parser("bench", help="benchmarks of the protocol (docs/results)")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    ba = bsub.add_parser("accuracy", help="accuracy at equal budget: our methods vs PEFT's")
+    ba.add_argument("--profile", choices=["quick", "full"], default="quick")
+    ba.add_argument("--tasks", default="bbc-topic,arithmetic")
+    ba.add_argument("--budgets", default="8", help="r_eq values, e.g. 2,8")
+    ba.add_argument("--methods", help="comma-separated (default: all registered)")
+    ba.add_argument("--cache", help="run cache (default benchmarks/cache/accuracy-PROFILE)")
+    ba.add_argument("--out", help="tables (default docs/results for full, runs/bench-quick)")
+    ba.add_argument("--report-only", action="store_true", help="tables from the cache only")
+    ba.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("plot", help="write PNGs of a run: loss curve, per-layer rank/density")
     p.add_argument("run_dir", help="a `spalora train --output-dir` folder")
     return parser
@@ -239,6 +252,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             "checkpoint_dir": str(Path(recipe["output_dir"]) / "checkpoints"),
             "log_path": str(Path(recipe["output_dir"]) / "history.jsonl"),
         }
+        if importlib.util.find_spec("tensorboard") is not None:  # TensorBoard when installed
+            train_kwargs.setdefault(
+                "tensorboard_dir", str(Path(recipe["output_dir"]) / "tensorboard")
+            )
         if args.checkpoint_every is not None:
             train_kwargs["checkpoint_every"] = args.checkpoint_every
         if args.resume:
@@ -456,6 +473,31 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import accuracy
+    from .bench.methods import METHODS
+
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    tasks = args.tasks.split(",")
+    budgets = [int(b) for b in args.budgets.split(",")]
+    cache = args.cache or f"benchmarks/cache/accuracy-{args.profile}"
+    out = args.out or ("docs/results" if args.profile == "full" else "runs/bench-quick")
+    command = "spalora bench accuracy " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
+    try:
+        if args.report_only:
+            records, grid = accuracy.read_cached(args.profile, tasks, budgets, methods, cache)
+        else:
+            records, grid = accuracy.run_benchmark(
+                args.profile, tasks, budgets, methods, cache, progress=not args.no_progress
+            )
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    rows = accuracy.summarize(records)
+    for path in accuracy.write_report(rows, grid, out, args.profile, command.strip()):
+        print(f"[spalora] wrote {path}")
+    return 0
+
+
 def _short_table(model) -> str:
     """Per module type (q_proj, ...): layers, r, nnz and density, summed over the layers."""
     rows: dict[str, list] = {}
@@ -480,7 +522,13 @@ def _short_table(model) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "plot": cmd_plot}
+    commands = {
+        "train": cmd_train,
+        "eval": cmd_eval,
+        "merge": cmd_merge,
+        "plot": cmd_plot,
+        "bench": cmd_bench,
+    }
     return commands[args.command](args)
 
 

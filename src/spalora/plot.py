@@ -79,7 +79,8 @@ def plot_loss(history: list[dict], out: Path) -> Path:
         for name in names:
             points = [(h["step"], h["validation"][name]) for h in evals if name in h["validation"]]
             target = vax if name != "loss" else vax.twinx()
-            target.plot(*zip(*points, strict=True), marker="o", label=f"validation {name}")
+            style = {"color": "#d08c2b", "ls": "--"} if name == "loss" else {"color": "#1f4e79"}
+            target.plot(*zip(*points, strict=True), marker="o", label=f"validation {name}", **style)
             target.set_ylabel(f"validation {name}")
             target.legend(loc="lower right" if name != "loss" else "upper right")
         vax.set_title("validation split during training")

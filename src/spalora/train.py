@@ -44,6 +44,27 @@ class TrainConfig:
     overlong: str = "truncate"  # rule for examples over max_length: "truncate" or "drop"
 
 
+class NoSchedule:
+    """Stands in for MaskSchedule on models without spalora layers (PEFT peers, full
+    fine-tuning), so one loop trains every method the benchmark compares."""
+
+    phase = "joint"
+    restarted = False
+    mask_step = None
+
+    def step(self, optimizer) -> str:
+        return self.phase
+
+    def close(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up to 1, then linear decay to 0 at `total`."""
     if step < warmup:
@@ -88,13 +109,16 @@ def tensorboard_writer(log_dir: str | None):
 
 
 def train(
-    model: SpaloraModel,
+    model: torch.nn.Module,
     tokenizer,
     examples,
     cfg: TrainConfig,
-    evaluate_fn: Callable[[SpaloraModel], dict[str, float]] | None = None,
+    evaluate_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
 ) -> dict:
     """Train `model` on prompt/target `examples`; returns the loss history and timings.
+
+    `model` is a SpaloraModel, or any causal LM with its trainable parameters already chosen (a
+    PEFT model, or full fine-tuning): those train as one group at `lora_lr`, without a schedule.
 
     The mask schedule runs inside: warm-up and mask collection count toward `steps`, except with
     restart_after_mask, where the joint phase gets `steps` fresh steps after the restart.
@@ -130,11 +154,19 @@ def train(
             f"{latest} was written by a run with {read_state(latest).get('signature')}, "
             f"not {signature}: it cannot be resumed with these settings"
         )
-    groups = model.parameter_groups(cfg.lora_lr, cfg.sparse_lr)
+    is_spalora = isinstance(model, SpaloraModel)
+    if cfg.checkpoint_every and not is_spalora:
+        raise ValueError("checkpoints are written for spalora models only")
+    if is_spalora:
+        groups = model.parameter_groups(cfg.lora_lr, cfg.sparse_lr)
+        schedule = MaskSchedule(model, progress=cfg.progress)
+    else:  # a PEFT model or full fine-tuning: every trainable parameter at lora_lr
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": trainable, "lr": cfg.lora_lr, "name": "all"}]
+        schedule = NoSchedule()
     for g in groups:
         g["initial_lr"] = g["lr"]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    schedule = MaskSchedule(model, progress=cfg.progress)
     params = [p for g in groups for p in g["params"]]
     device = next(model.parameters()).device
     history: list[dict] = []

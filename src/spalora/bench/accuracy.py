@@ -1,0 +1,376 @@
+"""`spalora bench accuracy`: every method at the same budget, recipe and learning-rate grid.
+
+Protocol (../docs/results/accuracy.md says it again next to the numbers): for each task and
+budget, each method trains once per (learning rate, variant) at seed 0 and is scored on the
+validation split carved from the training data; the best setting is then trained with seeds 1
+and 2, and the table reports the test metric's mean and standard deviation over the 3 seeds.
+Every run is cached as one JSON file named by the hash of its full configuration, so a killed
+benchmark continues where it stopped and the tables are rebuilt from the cache alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .methods import METHODS, budget_params, build_method, trainable_params
+
+CACHE_VERSION = 1
+CSV_COLUMNS = ("method", "r_eq", "task", "mean", "std", "n_seeds", "trainable_params")
+
+
+@dataclass(frozen=True)
+class Profile:
+    steps: int
+    batch_size: int
+    seeds: tuple[int, ...]
+    max_length: int = 256
+    val_limit: int | None = None
+    test_limit: int | None = None
+    lr_index: int | None = None  # quick: only this entry of each method's grid
+    first_variant_only: bool = False
+    warmup_steps: int = 40  # RoSA's LoRA-only steps before the mask
+    mask_batches: int = 8
+
+
+PROFILES = {
+    "full": Profile(steps=150, batch_size=8, seeds=(0, 1, 2)),
+    "quick": Profile(
+        steps=24,
+        batch_size=8,
+        seeds=(0,),
+        val_limit=48,
+        test_limit=96,
+        lr_index=1,
+        first_variant_only=True,
+        warmup_steps=8,
+        mask_batches=2,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    variant: tuple[tuple[str, float], ...]
+    lr: float
+    seed: int
+    task: str
+    r_eq: int
+    profile: Profile
+    model: str
+
+    def key(self) -> str:
+        blob = json.dumps([CACHE_VERSION, asdict(self)], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def label(self) -> str:
+        variant = ",".join(f"{k}={v}" for k, v in self.variant)
+        name = f"{self.method}[{variant}]" if variant else self.method
+        return f"{self.task} r_eq={self.r_eq} {name} lr={self.lr:g} seed={self.seed}"
+
+
+def grid(method: str, profile: Profile, r_eq: int) -> list[tuple[dict, float]]:
+    m = METHODS[method]
+    lrs = m.lr_grid if profile.lr_index is None else (m.lr_grid[profile.lr_index],)
+    variants = m.variants(r_eq)
+    if profile.first_variant_only:  # quick: the middle setting
+        variants = variants[len(variants) // 2 : len(variants) // 2 + 1]
+    return [(v, lr) for v in variants for lr in lrs]
+
+
+class Cache:
+    """One JSON file per finished run under `root`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def get(self, spec: RunSpec) -> dict | None:
+        path = self.root / f"{spec.key()}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def put(self, spec: RunSpec, result: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"{spec.key()}.tmp"
+        tmp.write_text(json.dumps({"spec": asdict(spec), "result": result}, indent=1))
+        tmp.replace(self.root / f"{spec.key()}.json")
+
+
+def run_one(spec: RunSpec, load_model: Callable, load_task: Callable, progress: bool) -> dict:
+    """Train one configuration and score it on validation and test."""
+    from ..evaluate import evaluate_task
+    from ..train import TrainConfig, train
+
+    model, tokenizer = load_model(spec.model)
+    task = load_task(spec.task)  # the split is fixed (seed 0): only training varies by seed
+    p = spec.profile
+    variant = dict(spec.variant) | {
+        "seed": spec.seed,
+        "warmup_steps": p.warmup_steps,
+        "mask_batches": p.mask_batches,
+    }
+    budget = budget_params(model, spec.r_eq)
+    model = build_method(spec.method, model, spec.r_eq, variant)
+    n_trainable = trainable_params(model)
+    if spec.method != "fft" and n_trainable > budget:
+        raise RuntimeError(f"{spec.label()}: {n_trainable:,} trainable > budget {budget:,}")
+    cfg = TrainConfig(
+        steps=p.steps,
+        batch_size=p.batch_size,
+        lora_lr=spec.lr,
+        sparse_lr=spec.lr,
+        max_length=p.max_length,
+        seed=spec.seed,
+        progress=progress,
+    )
+    started = time.perf_counter()
+    history = train(model, tokenizer, task.train, cfg)["history"]
+    train_seconds = time.perf_counter() - started
+    val = task.validation[: p.val_limit] if p.val_limit else task.validation
+    test = task.test[: p.test_limit] if p.test_limit else task.test
+    v = evaluate_task(model, tokenizer, task, val, progress=progress, desc="validation")
+    t = evaluate_task(model, tokenizer, task, test, progress=progress, desc="test")
+    losses = [h["loss"] for h in history if "loss" in h]
+    return {
+        "validation": v["value"],
+        "test": t["value"],
+        "metric": t["metric"],
+        "n_validation": v["n"],
+        "n_test": t["n"],
+        "trainable_params": n_trainable,
+        "budget_params": budget,
+        "adapter_bytes": adapter_bytes(model, spec.method),
+        "train_seconds": train_seconds,
+        "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+        "finite": all(x == x for x in losses),
+    }
+
+
+def adapter_bytes(model, method: str) -> int:
+    """Bytes of the saved adapter file; for full fine-tuning, the fp32 weights it must store."""
+    if method == "fft":
+        return 4 * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
+
+
+def run_benchmark(
+    profile_name: str,
+    tasks: list[str],
+    budgets: list[int],
+    methods: list[str],
+    cache_dir: str | Path,
+    model: str = "smollm2-135m",
+    load_model: Callable | None = None,
+    load_task: Callable | None = None,
+    progress: bool = True,
+    run_missing: bool = True,
+) -> tuple[list[dict], list[dict]]:
+    """Run (or read from the cache) every needed configuration.
+
+    Returns the chosen setting's records (one per seed) and the seed-0 grid with its
+    validation scores (what the choice was made on). With `run_missing=False` nothing is
+    trained: the tables show what the cache holds (a method whose grid is unfinished is left out).
+    """
+    from ..hub import load_model_and_tokenizer
+    from ..tasks import get_task
+
+    load_model = load_model or load_model_and_tokenizer
+    load_task = load_task or (lambda name: get_task(name, seed=0))
+    profile = PROFILES[profile_name]
+    cache = Cache(cache_dir)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; available: {sorted(METHODS)}")
+
+    def ensure(spec: RunSpec) -> dict | None:
+        found = cache.get(spec)
+        if found is not None:
+            return found["result"]
+        if not run_missing:
+            return None
+        print(f"[bench] {spec.label()}", file=sys.stderr, flush=True)
+        result = run_one(spec, load_model, load_task, progress)
+        cache.put(spec, result)
+        print(
+            f"[bench]   validation {result['validation']:.4f} test {result['test']:.4f} "
+            f"({result['train_seconds']:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return result
+
+    records, grid_rows = [], []
+    for task in tasks:
+        for r_eq in budgets:
+            for method in methods:
+                seed0 = profile.seeds[0]
+                specs = [
+                    RunSpec(method, tuple(sorted(v.items())), lr, seed0, task, r_eq, profile, model)
+                    for v, lr in grid(method, profile, r_eq)
+                ]
+                results = [ensure(s) for s in specs]
+                if any(r is None for r in results):  # report-only: an unfinished grid
+                    continue
+                for spec, r in zip(specs, results, strict=True):
+                    grid_rows.append({"spec": asdict(spec), "validation": r["validation"]})
+                # The best validation score; ties go to the earlier (smaller) setting.
+                best = max(range(len(specs)), key=lambda i: (results[i]["validation"], -i))
+                for seed in profile.seeds:
+                    spec = replace(specs[best], seed=seed)
+                    result = ensure(spec)
+                    if result is not None:
+                        records.append({"spec": asdict(spec), "result": result})
+    return records, grid_rows
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per (method, r_eq, task): mean/std of the test metric over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for rec in records:
+        s = rec["spec"]
+        groups.setdefault((s["method"], s["r_eq"], s["task"]), []).append(rec)
+    rows = []
+    for (method, r_eq, task), recs in groups.items():
+        tests = [r["result"]["test"] for r in recs]
+        spec = recs[0]["spec"]
+        rows.append(
+            {
+                "method": method,
+                "r_eq": r_eq,
+                "task": task,
+                "mean": statistics.fmean(tests),
+                "std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+                "n_seeds": len(tests),
+                "trainable_params": recs[0]["result"]["trainable_params"],
+                "adapter_bytes": recs[0]["result"]["adapter_bytes"],
+                "lr": spec["lr"],
+                "variant": dict(spec["variant"]),
+                "metric": recs[0]["result"]["metric"],
+                "validation": recs[0]["result"]["validation"],
+            }
+        )
+    return rows
+
+
+def write_report(
+    rows: list[dict], grid_rows: list[dict], out_dir: str | Path, profile: str, command: str
+) -> list[Path]:
+    """accuracy.md (tables), accuracy.csv (CSV_COLUMNS exactly) and accuracy.png (bars with
+    error bars), all from the cached runs."""
+    import csv
+    import platform
+
+    import torch
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda r: (r["r_eq"], list(METHODS).index(r["method"]), r["task"]))
+    with open(out / "accuracy.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "mean": f"{r['mean']:.4f}", "std": f"{r['std']:.4f}"})
+    tasks = sorted({r["task"] for r in rows})
+    lines = [
+        f"# Accuracy at equal budget ({profile} profile)",
+        "",
+        f"Produced by `{command}` from the cached runs in the benchmark cache; "
+        f"machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}. Do not edit: rerun the command.",
+        "",
+        "Test metric (accuracy for bbc-topic, exact match for arithmetic), mean ± std over "
+        "seeds, at the learning rate (and RoSA rank fraction) chosen on the validation split "
+        "with seed 0. Budget r_eq: at most r_eq * sum(in + out) trainable parameters over the "
+        "adapted layers (fft: every parameter, the reference).",
+        "",
+    ]
+    for r_eq in sorted({r["r_eq"] for r in rows}):
+        part = [r for r in rows if r["r_eq"] == r_eq]
+        lines += [
+            f"## r_eq = {r_eq}",
+            "",
+            "| method | trainable params | adapter file bytes | "
+            + " | ".join(tasks)
+            + " | average | seeds |",
+            "| --- | ---: | ---: | " + " | ".join("---:" for _ in tasks) + " | ---: | ---: |",
+        ]
+        for method in dict.fromkeys(r["method"] for r in part):
+            cells = {r["task"]: r for r in part if r["method"] == method}
+            means = [cells[t]["mean"] for t in tasks if t in cells]
+            avg = f"{100 * statistics.fmean(means):.1f}" if len(means) == len(tasks) else "-"
+            any_row = next(iter(cells.values()))
+            lines.append(
+                f"| {method} | {any_row['trainable_params']:,} | {any_row['adapter_bytes']:,} | "
+                + " | ".join(
+                    f"{100 * cells[t]['mean']:.1f} ± {100 * cells[t]['std']:.1f}"
+                    if t in cells
+                    else "-"
+                    for t in tasks
+                )
+                + f" | {avg} | {min(c['n_seeds'] for c in cells.values())} |"
+            )
+        lines.append("")
+    lines += [
+        "## Selection (seed 0, validation split)",
+        "",
+        "| task | r_eq | method | variant | lr | validation | chosen |",
+        "| --- | ---: | --- | --- | ---: | ---: | :---: |",
+    ]
+    chosen = {(r["task"], r["r_eq"], r["method"], r["lr"], json.dumps(r["variant"])) for r in rows}
+    for g in grid_rows:
+        s = g["spec"]
+        variant = dict(s["variant"])
+        key = (s["task"], s["r_eq"], s["method"], s["lr"], json.dumps(variant))
+        lines.append(
+            f"| {s['task']} | {s['r_eq']} | {s['method']} | "
+            f"{', '.join(f'{k}={v}' for k, v in variant.items()) or '-'} | {s['lr']:g} | "
+            f"{100 * g['validation']:.1f} | {'x' if key in chosen else ''} |"
+        )
+    (out / "accuracy.md").write_text("\n".join(lines) + "\n")
+    return [out / "accuracy.md", out / "accuracy.csv", plot_accuracy(rows, out / "accuracy.png")]
+
+
+def plot_accuracy(rows: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["r_eq"], r["task"]) for r in rows})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (r_eq, task) in zip(axes[0], panels, strict=True):
+        part = [r for r in rows if r["r_eq"] == r_eq and r["task"] == task]
+        names = [r["method"] for r in part]
+        ax.bar(
+            names,
+            [100 * r["mean"] for r in part],
+            yerr=[100 * r["std"] for r in part],
+            capsize=3,
+            color=[
+                "#999999" if n == "fft" else "#1f4e79" if "peft" not in n else "#d08c2b"
+                for n in names
+            ],
+        )
+        ax.set_title(f"{task}, r_eq = {r_eq}")
+        ax.set_ylabel("test metric (%)")
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def read_cached(profile, tasks, budgets, methods, cache_dir, model: str = "smollm2-135m"):
+    """The records `run_benchmark` would return, from the cache only."""
+    return run_benchmark(
+        profile, tasks, budgets, methods, cache_dir, model, progress=False, run_missing=False
+    )

@@ -1,0 +1,152 @@
+"""The methods the accuracy benchmark compares, as a registry: a method is one entry.
+
+Every builder takes the frozen base model and the budget as a LoRA-rank equivalent r_eq
+(P = r_eq * sum of (in + out) over the adapted layers) and returns the model to train with at
+most P trainable parameters. LoRA scales are alpha / r = 2 everywhere (PEFT Supra's default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_LRS = (3e-4, 1e-3, 3e-3)
+FFT_LRS = (1e-5, 3e-5, 1e-4)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    build: Callable[[nn.Module, int, dict], nn.Module]  # (base, r_eq, variant) -> model
+    lr_grid: tuple[float, ...] = ADAPTER_LRS
+    # Settings besides the learning rate that are chosen on validation, per budget r_eq.
+    variants: Callable[[int], tuple[dict, ...]] = lambda r_eq: ({},)
+    description: str = ""
+
+
+def rosa_splits(r_eq: int) -> tuple[dict, ...]:
+    """Rank fractions 1/4, 1/2, 3/4 of the budget, as far as they give distinct whole ranks
+    between 1 and r_eq - 1 (r_eq = 8: ranks 2, 4, 6; r_eq = 2: rank 1 only)."""
+    ranks = sorted({r for r in (r_eq // 4, r_eq // 2, (3 * r_eq) // 4) if 1 <= r < r_eq})
+    return tuple({"rank_fraction": r / r_eq} for r in ranks)
+
+
+def adapted_linears(model: nn.Module) -> list[nn.Linear]:
+    return [
+        m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in LINEAR_NAMES
+    ]
+
+
+def budget_params(model: nn.Module, r_eq: int) -> int:
+    """P = r_eq * sum over adapted layers of (in + out)."""
+    return r_eq * sum(m.in_features + m.out_features for m in adapted_linears(model))
+
+
+def trainable_params(model: nn.Module) -> int:
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return int(model.get_nb_trainable_parameters()[0])
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _spalora(method: str, fraction: float | None = None):
+    def build(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
+        from spalora import SpaloraConfig, get_spalora_model
+
+        frac = variant.get("rank_fraction", fraction)
+        r = max(1, int((1.0 if method == "lora" else frac or 0.0) * r_eq))
+        cfg = SpaloraConfig(
+            method=method,
+            target_modules=list(LINEAR_NAMES),
+            budget=f"r{r_eq}",
+            rank_fraction=frac if method == "rosa" else None,
+            lora_alpha=2.0 * r,
+            lora_dropout=0.0,
+            mask_strategy="fisher",
+            warmup_steps=variant.get("warmup_steps", 40),
+            mask_batches=variant.get("mask_batches", 8),
+            seed=variant.get("seed", 0),
+        )
+        return get_spalora_model(model, cfg)
+
+    return build
+
+
+def _full(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _peft_lora(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=r_eq, lora_alpha=2 * r_eq, lora_dropout=0.0, target_modules=list(LINEAR_NAMES)
+    )
+    return get_peft_model(model, cfg)
+
+
+def _peft_shira(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
+    from peft import ShiraConfig, get_peft_model
+
+    cfg = ShiraConfig(r=r_eq, target_modules=list(LINEAR_NAMES), random_seed=variant.get("seed"))
+    return get_peft_model(model, cfg)
+
+
+def supra_sparsity(model: nn.Module, r_eq: int, r: int) -> float:
+    """PEFT Supra's one global sparsity that spends what rank r leaves of P, never more."""
+    layers = adapted_linears(model)
+    left = budget_params(model, r_eq) - r * sum(m.in_features + m.out_features for m in layers)
+    # PEFT keeps int(numel * (1 - sparsity)) entries per layer: a density a hair under left/total
+    # keeps the floor of every layer's share, so the sum stays within the budget.
+    density = left / sum(m.in_features * m.out_features for m in layers)
+    return 1.0 - density * (1 - 1e-9)
+
+
+def _peft_supra(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
+    from peft import SupertuningConfig, get_peft_model
+
+    r = max(1, r_eq // 2)  # half the budget on rank, as our RoSA default
+    cfg = SupertuningConfig(
+        r=r,
+        lora_alpha=2 * r,
+        sparsity=supra_sparsity(model, r_eq, r),
+        target_modules=list(LINEAR_NAMES),
+    )
+    return get_peft_model(model, cfg)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("fft", _full, FFT_LRS, description="full fine-tuning (reference, no budget)"),
+        Method("lora", _spalora("lora"), description="our LoRA, r = r_eq"),
+        Method("sparse", _spalora("sparse"), description="our sparse-only, Fisher mask"),
+        Method(
+            "rosa",
+            _spalora("rosa"),
+            variants=rosa_splits,
+            description="our RoSA: LoRA warm-up, Fisher mask, joint; rank fraction on validation",
+        ),
+        Method("peft-lora", _peft_lora, description="PEFT LoraConfig(r=r_eq)"),
+        Method("peft-shira", _peft_shira, description="PEFT ShiraConfig(r=r_eq), random mask"),
+        Method(
+            "peft-supra",
+            _peft_supra,
+            description="PEFT SupertuningConfig(r=r_eq/2) + magnitude support for the rest",
+        ),
+    )
+}
+
+
+def build_method(name: str, model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
+    torch.manual_seed(variant.get("seed", 0))  # LoRA initialisation follows the run's seed
+    return METHODS[name].build(model, r_eq, variant)

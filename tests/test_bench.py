@@ -1,0 +1,107 @@
+"""The accuracy harness end to end on a tiny random model: every registered method trains at the
+same budget, runs are cached by configuration, tables are rebuilt from the cache."""
+
+import csv
+
+import pytest
+
+from spalora.bench import accuracy
+from spalora.bench.methods import METHODS, budget_params, build_method, supra_sparsity
+from spalora.tasks import Task
+
+from .conftest import WORD_EXAMPLES, tiny_llama, word_tokenizer
+
+
+def toy_task(name: str) -> Task:
+    return Task(
+        "toy",
+        WORD_EXAMPLES[:48],
+        WORD_EXAMPLES[48:56],
+        WORD_EXAMPLES[56:],
+        None,
+        max_new_tokens=2,
+        score=lambda p, t: p.split()[:1] == t.split()[:1],
+    )
+
+
+def tiny(name: str):
+    return tiny_llama(), word_tokenizer()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("r_eq", [2, 8])
+def test_every_method_stays_within_the_budget(method, r_eq):
+    pytest.importorskip("peft")
+    model = tiny_llama()
+    budget = budget_params(model, r_eq)
+    assert budget == r_eq * 2 * (4 * (32 + 32) - 2 * 16 + 3 * (32 + 48))  # k,v project to 16
+    built = build_method(method, model, r_eq, {"rank_fraction": 0.5, "seed": 0})
+    from spalora.bench.methods import trainable_params
+
+    n = trainable_params(built)
+    if method == "fft":
+        assert n == sum(p.numel() for p in model.parameters())
+    elif method in ("lora", "sparse", "rosa", "peft-lora", "peft-shira"):
+        assert n == budget  # these land exactly on P
+    else:  # Supra: rank r_eq/2 plus one global sparsity, floored per layer
+        assert budget - 7 * 2 <= n <= budget
+
+
+def test_supra_sparsity_spends_the_rest_of_the_budget():
+    model = tiny_llama()
+    s = supra_sparsity(model, 8, 4)
+    layers = [m for m in model.modules() if m.__class__.__name__ == "Linear"][:-1]
+    kept = sum(int(m.in_features * m.out_features * (1 - s)) for m in layers)
+    assert kept <= budget_params(model, 8) - 4 * sum(m.in_features + m.out_features for m in layers)
+
+
+def test_quick_benchmark_runs_caches_and_reports(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    cache = tmp_path / "cache"
+    kwargs = dict(load_model=tiny, load_task=toy_task, progress=False)
+    records, grid = accuracy.run_benchmark(
+        "quick", ["toy"], [2], list(METHODS), cache, model="tiny", **kwargs
+    )
+    assert len(records) == len(METHODS) == len(grid)  # quick: one setting, one seed each
+    assert len(list(cache.glob("*.json"))) == len(METHODS)
+    for rec in records:
+        r = rec["result"]
+        assert r["finite"] and 0.0 <= r["test"] <= 1.0 and r["n_test"] == 8
+        if rec["spec"]["method"] != "fft":
+            assert r["trainable_params"] <= r["budget_params"]
+
+    def must_not_train(*args, **kw):
+        raise AssertionError("a cached run was trained again")
+
+    monkeypatch.setattr(accuracy, "run_one", must_not_train)
+    again, _ = accuracy.run_benchmark(
+        "quick", ["toy"], [2], list(METHODS), cache, model="tiny", **kwargs
+    )
+    assert again == records
+    rows = accuracy.summarize(records)
+    paths = accuracy.write_report(rows, grid, tmp_path / "out", "quick", "pytest")
+    with open(tmp_path / "out" / "accuracy.csv") as fh:
+        table = list(csv.reader(fh))
+    assert tuple(table[0]) == accuracy.CSV_COLUMNS
+    assert {row[0] for row in table[1:]} == set(METHODS)
+    md = paths[0].read_text()
+    assert "| peft-supra |" in md and "## Selection" in md
+    assert paths[2].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_only_leaves_out_unfinished_grids(tmp_path):
+    records, grid = accuracy.run_benchmark(
+        "full", ["toy"], [2], ["lora"], tmp_path, model="tiny", run_missing=False
+    )
+    assert records == [] and grid == []
+
+
+def test_rosa_grid_has_distinct_whole_ranks():
+    from spalora.bench.methods import rosa_splits
+
+    assert rosa_splits(8) == (
+        {"rank_fraction": 0.25},
+        {"rank_fraction": 0.5},
+        {"rank_fraction": 0.75},
+    )
+    assert rosa_splits(2) == ({"rank_fraction": 0.5},)
