@@ -105,3 +105,22 @@ def test_rosa_grid_has_distinct_whole_ranks():
         {"rank_fraction": 0.75},
     )
     assert rosa_splits(2) == ({"rank_fraction": 0.5},)
+
+
+def test_speed_benchmark_on_a_saved_tiny_model(tmp_path):
+    """Every row builds and steps, memory comes from fresh processes, files have the columns."""
+    pytest.importorskip("peft")
+    from spalora.bench import speed
+
+    folder = tmp_path / "tiny"
+    tiny_llama().save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    paths = speed.run_speed(tmp_path / "out", repeats=2, model_name=str(folder), progress=False)
+    with open(paths[1]) as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == speed.CSV_COLUMNS
+    assert [r["row"] for r in rows] == list(speed.ROWS)
+    floor = next(r for r in rows if r["row"] == "floor")
+    assert floor["ratio_to_floor"] == "1.000" and float(floor["peak_rss_mb"]) > 50
+    assert all(float(r["step_s_median"]) > 0 for r in rows)
+    assert "Mask generation" in paths[0].read_text()

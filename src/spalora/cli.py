@@ -201,6 +201,22 @@ def build_parser() -> argparse.ArgumentParser:
     ba.add_argument("--report-only", action="store_true", help="tables from the cache only")
     ba.add_argument("--no-progress", action="store_true")
 
+    bs = bsub.add_parser("speed", help="training-step time and peak memory per method")
+    bs.add_argument("--repeats", type=int, default=10, help="timed steps per row (median)")
+    bs.add_argument("--out", default="docs/results", help="where speed.md/.csv go")
+    bs.add_argument("--model", default="smollm2-135m")
+    bs.add_argument("--no-memory", action="store_true", help="skip the per-row processes")
+    bs.add_argument("--no-progress", action="store_true")
+
+    an = sub.add_parser("analyze", help="how well each layer's fine-tuning update compresses")
+    an.add_argument(
+        "--tuned", required=True, help="fine-tuned model folder (e.g. a harness FFT run)"
+    )
+    an.add_argument("--base", default="smollm2-135m", help="the model it was tuned from")
+    an.add_argument("--budgets", default="1,2,4,8,16,32", help="r_eq values")
+    an.add_argument("--out", default="docs/results", help="where analyze.md/.csv/.png go")
+    an.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("plot", help="write PNGs of a run: loss curve, per-layer rank/density")
     p.add_argument("run_dir", help="a `spalora train --output-dir` folder")
     return parser
@@ -474,6 +490,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "speed":
+        from .bench.speed import run_speed
+
+        command = "spalora bench speed " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
+        for path in run_speed(
+            args.out,
+            args.repeats,
+            args.model,
+            memory=not args.no_memory,
+            progress=not args.no_progress,
+            command=command.strip(),
+        ):
+            print(f"[spalora] wrote {path}")
+        return 0
     from .bench import accuracy
     from .bench.methods import METHODS
 
@@ -488,12 +518,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
             records, grid = accuracy.read_cached(args.profile, tasks, budgets, methods, cache)
         else:
             records, grid = accuracy.run_benchmark(
-                args.profile, tasks, budgets, methods, cache, progress=not args.no_progress
+                args.profile,
+                tasks,
+                budgets,
+                methods,
+                cache,
+                progress=not args.no_progress,
+                save_dir=f"runs/bench-{args.profile}",
             )
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
     rows = accuracy.summarize(records)
     for path in accuracy.write_report(rows, grid, out, args.profile, command.strip()):
+        print(f"[spalora] wrote {path}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .bench.analyze import run_analysis
+    from .hub import load_model_and_tokenizer
+
+    base, _ = load_model_and_tokenizer(args.base)
+    tuned, _ = load_model_and_tokenizer(args.tuned)
+    budgets = tuple(int(b) for b in args.budgets.split(","))
+    command = "spalora analyze " + " ".join(sys.argv[2:])
+    try:
+        paths = run_analysis(base, tuned, args.out, command, not args.no_progress, budgets)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    for path in paths:
         print(f"[spalora] wrote {path}")
     return 0
 
@@ -528,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         "merge": cmd_merge,
         "plot": cmd_plot,
         "bench": cmd_bench,
+        "analyze": cmd_analyze,
     }
     return commands[args.command](args)
 

@@ -103,8 +103,15 @@ class Cache:
         tmp.replace(self.root / f"{spec.key()}.json")
 
 
-def run_one(spec: RunSpec, load_model: Callable, load_task: Callable, progress: bool) -> dict:
-    """Train one configuration and score it on validation and test."""
+def run_one(
+    spec: RunSpec,
+    load_model: Callable,
+    load_task: Callable,
+    progress: bool,
+    save_dir: str | Path | None = None,
+) -> dict:
+    """Train one configuration and score it on validation and test (full fine-tuning runs are
+    also saved under `save_dir`, for `spalora analyze`)."""
     from ..evaluate import evaluate_task
     from ..train import TrainConfig, train
 
@@ -138,6 +145,11 @@ def run_one(spec: RunSpec, load_model: Callable, load_task: Callable, progress: 
     v = evaluate_task(model, tokenizer, task, val, progress=progress, desc="validation")
     t = evaluate_task(model, tokenizer, task, test, progress=progress, desc="test")
     losses = [h["loss"] for h in history if "loss" in h]
+    saved = None
+    if spec.method == "fft" and save_dir is not None:  # what `spalora analyze --tuned` reads
+        saved = str(Path(save_dir) / f"fft-{spec.task}-lr{spec.lr:g}-seed{spec.seed}")
+        model.save_pretrained(saved)
+        tokenizer.save_pretrained(saved)
     return {
         "validation": v["value"],
         "test": t["value"],
@@ -150,6 +162,7 @@ def run_one(spec: RunSpec, load_model: Callable, load_task: Callable, progress: 
         "train_seconds": train_seconds,
         "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
         "finite": all(x == x for x in losses),
+        "saved_model": saved,
     }
 
 
@@ -173,6 +186,7 @@ def run_benchmark(
     load_task: Callable | None = None,
     progress: bool = True,
     run_missing: bool = True,
+    save_dir: str | Path | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Run (or read from the cache) every needed configuration.
 
@@ -198,7 +212,7 @@ def run_benchmark(
         if not run_missing:
             return None
         print(f"[bench] {spec.label()}", file=sys.stderr, flush=True)
-        result = run_one(spec, load_model, load_task, progress)
+        result = run_one(spec, load_model, load_task, progress, save_dir)
         cache.put(spec, result)
         print(
             f"[bench]   validation {result['validation']:.4f} test {result['test']:.4f} "

@@ -1,0 +1,222 @@
+"""`spalora bench speed`: one whole-model training step per method, as ratios to the floor.
+
+The protocol's step: SmolLM2-135M, batch 8 x 128 tokens, budget r_eq = 8, forward + backward +
+AdamW step. Rows are interleaved round-robin in one process (every row's model lives side by
+side), so machine noise hits all alike; the median over repeats is reported. The floor is the
+frozen base with no adapter, backward through the activations only (the input embeddings'
+output requires grad): work every PEFT method must do. Peak resident memory comes from a fresh
+process per row (`python -m spalora.bench.speed --memory ROW`), so rows do not share a peak.
+Mask generation (the Fisher statistics of RoSA over 8 micro-batches, then the top-k) is timed
+and measured in its own fresh process too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .methods import build_method
+
+ROWS = ("floor", "peft-lora", "lora", "sparse", "rosa", "peft-supra")
+CSV_COLUMNS = ("row", "step_s_median", "ratio_to_floor", "ratio_to_peft_lora", "peak_rss_mb")
+R_EQ = 8
+MASK_BATCHES = 8
+
+
+def fixed_batch(vocab: int, batch: int = 8, tokens: int = 128, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, tokens), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def build_row(row: str, load_model) -> tuple[torch.nn.Module, torch.optim.Optimizer | None]:
+    """The model of `row`, ready for its training step (masks already chosen)."""
+    model, _ = load_model()
+    model.train()
+    if row == "floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.enable_input_require_grads()  # backward through every layer's activations
+        return model, None
+    variant = {"rank_fraction": 0.5, "warmup_steps": 0, "mask_batches": 1, "seed": 0}
+    wrapped = build_method(row, model, R_EQ, variant)
+    if row in ("sparse", "rosa"):  # the measured step is the joint phase: choose masks first
+        from ..schedule import MaskSchedule
+
+        schedule = MaskSchedule(wrapped, progress=False)
+        step(wrapped, fixed_batch(model.config.vocab_size, seed=1), None)
+        schedule.step(None)
+        assert schedule.phase == "joint"
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    return wrapped, torch.optim.AdamW(params, lr=1e-4)
+
+
+def step(model, batch: dict, optimizer) -> None:
+    loss = model(**batch).loss
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def time_rows(rows, load_model, repeats: int, warmup: int = 2, progress: bool = True) -> dict:
+    """{row: [seconds per step]} with rows interleaved round-robin."""
+    from tqdm.auto import tqdm
+
+    built = {
+        row: build_row(row, load_model) for row in tqdm(rows, desc="building", disable=not progress)
+    }
+    vocab = next(iter(built.values()))[0].config.vocab_size
+    batch = fixed_batch(vocab)
+    times: dict[str, list[float]] = {row: [] for row in rows}
+    for i in tqdm(range(warmup + repeats), desc="timing", disable=not progress):
+        for row, (model, opt) in built.items():
+            start = time.perf_counter()
+            step(model, batch, opt)
+            if i >= warmup:
+                times[row].append(time.perf_counter() - start)
+    return times
+
+
+def mask_generation(load_model) -> dict:
+    """Time and peak memory of RoSA's Fisher mask: 8 micro-batches of statistics, then top-k."""
+    from ..schedule import MaskSchedule
+
+    model, _ = load_model()
+    variant = {"rank_fraction": 0.5, "warmup_steps": 0, "mask_batches": MASK_BATCHES, "seed": 0}
+    wrapped = build_method("rosa", model, R_EQ, variant)
+    wrapped.train()
+    schedule = MaskSchedule(wrapped, progress=False)
+    opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-4)
+    start = time.perf_counter()
+    for i in range(MASK_BATCHES):
+        step(wrapped, fixed_batch(model.config.vocab_size, seed=10 + i), opt)
+        select = time.perf_counter()
+        schedule.step(opt)
+    done = time.perf_counter()
+    assert schedule.phase == "joint"
+    return {"mask_total_s": done - start, "mask_select_s": done - select}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM on Linux: ru_maxrss survives fork + exec, so
+    a child of a large parent would report the parent's peak."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def memory_of(row: str, model_name: str) -> dict:
+    """Peak RSS of a fresh process that builds `row` and runs 3 steps (or mask generation)."""
+    cmd = [sys.executable, "-m", "spalora.bench.speed", "--memory", row, "--model", model_name]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _memory_main(row: str, model_name: str) -> None:
+    from ..hub import load_model_and_tokenizer
+
+    def load_model():
+        return load_model_and_tokenizer(model_name)
+
+    if row == "mask":
+        result = mask_generation(load_model)
+    else:
+        model, opt = build_row(row, load_model)
+        batch = fixed_batch(model.config.vocab_size)
+        for _ in range(3):
+            step(model, batch, opt)
+        result = {}
+    print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
+
+
+def run_speed(
+    out_dir: str | Path,
+    repeats: int = 10,
+    model_name: str = "smollm2-135m",
+    rows=ROWS,
+    memory: bool = True,
+    progress: bool = True,
+    command: str = "spalora bench speed",
+) -> list[Path]:
+    from ..hub import load_model_and_tokenizer
+
+    def load_model():
+        return load_model_and_tokenizer(model_name)
+
+    times = time_rows(rows, load_model, repeats, progress=progress)
+    median = {row: statistics.median(t) for row, t in times.items()}
+    peaks = {row: memory_of(row, model_name)["peak_rss_mb"] for row in rows} if memory else {}
+    mask = memory_of("mask", model_name) if memory else mask_generation(load_model)
+    table = []
+    for row in rows:
+        table.append(
+            {
+                "row": row,
+                "step_s_median": f"{median[row]:.3f}",
+                "ratio_to_floor": f"{median[row] / median['floor']:.3f}"
+                if "floor" in median
+                else "",
+                "ratio_to_peft_lora": (
+                    f"{median[row] / median['peft-lora']:.3f}" if "peft-lora" in median else ""
+                ),
+                "peak_rss_mb": f"{peaks[row]:.0f}" if row in peaks else "",
+            }
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "speed.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(table)
+    lines = [
+        "# Speed and memory per training step",
+        "",
+        f"Produced by `{command}`; machine: {platform.machine()} CPU, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}. Do not edit: rerun it.",
+        "",
+        f"SmolLM2-135M-Instruct, one training step (forward + backward + AdamW) on a batch of "
+        f"8 x 128 tokens, budget r_eq = {R_EQ} (sparse and RoSA: masks already chosen; RoSA "
+        f"and Supra: half the budget on rank). Rows interleaved in one process, median of "
+        f"{repeats} steps after 2 warm-up rounds; peak resident memory from a fresh process per "
+        "row (model load + 3 steps).",
+        "",
+        "| row | step (s, median) | x floor | x PEFT LoRA | peak RSS (MB) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in table:
+        lines.append(
+            f"| {r['row']} | {r['step_s_median']} | {r['ratio_to_floor']} | "
+            f"{r['ratio_to_peft_lora']} | {r['peak_rss_mb']} |"
+        )
+    lines += [
+        "",
+        f"Mask generation (RoSA, Fisher, {MASK_BATCHES} micro-batches of 8 x 128 tokens during "
+        f"training, then the per-layer top-k): {mask['mask_total_s']:.1f} s in all for the "
+        f"{MASK_BATCHES} steps, of which {mask['mask_select_s']:.2f} s is the selection; peak "
+        f"RSS {mask.get('peak_rss_mb', float('nan')):.0f} MB (fresh process).",
+        "",
+    ]
+    (out / "speed.md").write_text("\n".join(lines))
+    return [out / "speed.md", out / "speed.csv"]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--memory", required=True)
+    parser.add_argument("--model", default="smollm2-135m")
+    args = parser.parse_args()
+    _memory_main(args.memory, args.model)
