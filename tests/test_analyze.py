@@ -57,3 +57,16 @@ def test_analysis_of_a_tuned_tiny_model_writes_tables(tmp_path):
         other = tiny_llama()
         other.model.layers[0].self_attn.q_proj = torch.nn.Linear(32, 8, bias=False)
         analyze.layer_updates(base, other)
+
+
+def test_randomized_svd_path_matches_the_exact_one():
+    g = torch.Generator().manual_seed(2)
+    d = torch.randn(80, 120, generator=g, dtype=torch.float64)
+    d += (
+        5
+        * torch.randn(80, 3, generator=g, dtype=torch.float64)
+        @ torch.randn(3, 120, generator=g, dtype=torch.float64)
+    )
+    approx = analyze.best_rank(d, 3)  # 3 + 10 < 40: the randomized path
+    err = float(torch.linalg.norm(d - approx) / torch.linalg.norm(d))
+    assert abs(err - analyze.rank_errors(d, [3])[3]) < 1e-3

@@ -137,3 +137,22 @@ def test_density_pattern_per_layer_is_honored():
         assert layer.nnz == int(d * numel) == layer.mask_flat_indices().numel(), name
     with pytest.raises(ValueError, match="density_pattern"):
         SpaloraConfig(method="sparse", density_pattern={"q_proj": 1.0})
+
+
+def test_evaluation_forwards_are_not_mask_statistics(token_batch):
+    """Validation or generation during the collect phase must not feed the mask (wanda counts
+    activations without gradients, so it would otherwise see them)."""
+    from spalora.masks import MaskCollector
+
+    model = get_spalora_model(tiny_llama(), SpaloraConfig(method="sparse", density=0.1))
+    layers = dict(model.adapter_layers())
+    collector = MaskCollector(layers, "wanda").attach()
+    model.eval()
+    with torch.no_grad():
+        model(**token_batch)
+    assert collector.batches == 0 and not collector.stats
+    model.train()
+    with torch.no_grad():
+        model(**token_batch)
+    assert collector.batches == 1
+    collector.detach()

@@ -200,7 +200,12 @@ def test_bf16_autocast_trains():
     cfg = TrainConfig(
         steps=12, batch_size=8, bf16=True, progress=False, lora_lr=2e-2, sparse_lr=2e-2
     )
+    seen = []  # dtype of an attention projection's output: bf16 only under autocast
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     result = train(model, word_tokenizer(), WORD_EXAMPLES, cfg)
+    handle.remove()
+    assert seen and set(seen) == {torch.bfloat16}
     losses = [h["loss"] for h in result["history"]]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     params = [p for p in model.parameters() if p.requires_grad]

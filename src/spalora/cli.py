@@ -301,7 +301,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     zero_shot_file = out / "zero_shot.json"
     if not args.no_eval and args.resume and zero_shot_file.exists():
-        metrics["zero_shot"] = json.loads(zero_shot_file.read_text())["value"]
+        saved = json.loads(zero_shot_file.read_text())
+        metrics["zero_shot"] = saved.get("value", saved.get("accuracy"))  # older runs: "accuracy"
     elif not args.no_eval:
         zs = evaluate_task(
             model, tokenizer, task, test, recipe["eval_batch_size"], progress, "zero-shot eval"
@@ -323,7 +324,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def on_validation(m) -> dict[str, float]:
         """The task metric (unless loss-only) and the completion loss on the validation split."""
-        values = {"loss": completion_loss_of(m, tokenizer, validation, progress=False)["loss"]}
+        loss = completion_loss_of(
+            m, tokenizer, validation, max_length=train_cfg.max_length, progress=False
+        )
+        values = {"loss": loss["loss"]}
         if task.score is not None:
             result = evaluate_task(
                 m, tokenizer, task, validation, recipe["eval_batch_size"], False, "validation"

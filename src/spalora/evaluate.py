@@ -75,7 +75,9 @@ def completion_loss_of(
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    encoded, _ = encode_examples(tokenizer, examples, max_length, "truncate")
+    encoded, report = encode_examples(tokenizer, examples, max_length, "truncate")
+    if report:
+        tqdm.write(f"[spalora] {desc}: {report}")
     total, tokens = 0.0, 0
     for start in tqdm(range(0, len(encoded), batch_size), desc=desc, disable=not progress):
         batch = collate(encoded[start : start + batch_size], pad)
@@ -85,7 +87,12 @@ def completion_loss_of(
         tokens += n
     model.train(was_training)
     mean = total / max(1, tokens)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": tokens}
+    return {
+        "loss": mean,
+        "perplexity": math.exp(min(mean, 50.0)),
+        "tokens": tokens,
+        "n": len(encoded),  # examples scored (an over-long completion is dropped, and reported)
+    }
 
 
 def evaluate_task(
@@ -96,6 +103,7 @@ def evaluate_task(
     batch_size: int = 32,
     progress: bool = True,
     desc: str = "evaluating",
+    max_length: int = 512,
 ) -> dict:
     """`task`'s metric on `examples` (default: its test split).
 
@@ -104,12 +112,14 @@ def evaluate_task(
     """
     examples = task.test if examples is None else examples
     if task.score is None:
-        result = completion_loss_of(model, tokenizer, examples, progress=progress, desc=desc)
+        result = completion_loss_of(
+            model, tokenizer, examples, max_length=max_length, progress=progress, desc=desc
+        )
         return {
             "metric": task.metric,
             "value": result["perplexity"],
             "loss": result["loss"],
-            "n": len(examples),
+            "n": result["n"],
             "predictions": [],
         }
     preds = generate(

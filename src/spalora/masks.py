@@ -57,7 +57,7 @@ class MaskCollector:
 
     def _make_hook(self, name: str):
         def on_forward(module: SpaloraLinear, inputs, output):
-            if not module.training and self.strategy in GRADIENT_STRATEGIES:
+            if not module.training:  # evaluation or generation: not mask statistics
                 return None
             x = inputs[0].detach()
             x2 = x.reshape(-1, x.shape[-1]).float()

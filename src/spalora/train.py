@@ -155,8 +155,8 @@ def train(
             f"not {signature}: it cannot be resumed with these settings"
         )
     is_spalora = isinstance(model, SpaloraModel)
-    if cfg.checkpoint_every and not is_spalora:
-        raise ValueError("checkpoints are written for spalora models only")
+    if (cfg.checkpoint_every or cfg.resume) and not is_spalora:
+        raise ValueError("checkpoints and resume are for spalora models only")
     if is_spalora:
         groups = model.parameter_groups(cfg.lora_lr, cfg.sparse_lr)
         schedule = MaskSchedule(model, progress=cfg.progress)
@@ -240,7 +240,8 @@ def train(
             else:
                 bar.update(1)
                 bar.set_postfix(loss=f"{total_loss:.3f}", phase=schedule.phase)
-            if cfg.eval_every and step % cfg.eval_every == 0 and lr_step < total:
+            evaluate_now = cfg.eval_every and step % cfg.eval_every == 0 and lr_step < total
+            if evaluate_now and schedule.phase != "collect":  # keep statistics training-only
                 record({"step": step, "validation": evaluate_fn(model)})
             # No checkpoint while mask statistics accumulate: they are not part of one.
             if (

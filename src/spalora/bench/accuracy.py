@@ -22,7 +22,9 @@ from pathlib import Path
 
 from .methods import METHODS, budget_params, build_method, trainable_params
 
-CACHE_VERSION = 1
+# Bump when a change alters results (recipe defaults, builders, tasks, evaluation): the key
+# then changes for every run. The training settings and package versions are in the key too.
+CACHE_VERSION = 2
 CSV_COLUMNS = ("method", "r_eq", "task", "mean", "std", "n_seeds", "trainable_params")
 
 
@@ -68,13 +70,44 @@ class RunSpec:
     model: str
 
     def key(self) -> str:
-        blob = json.dumps([CACHE_VERSION, asdict(self)], sort_keys=True, default=str)
+        blob = json.dumps(
+            [CACHE_VERSION, asdict(self), asdict(self.train_config()), package_versions()],
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def train_config(self):
+        from ..train import TrainConfig
+
+        p = self.profile
+        return TrainConfig(
+            steps=p.steps,
+            batch_size=p.batch_size,
+            lora_lr=self.lr,
+            sparse_lr=self.lr,
+            max_length=p.max_length,
+            seed=self.seed,
+            progress=False,
+        )
 
     def label(self) -> str:
         variant = ",".join(f"{k}={v}" for k, v in self.variant)
         name = f"{self.method}[{variant}]" if variant else self.method
         return f"{self.task} r_eq={self.r_eq} {name} lr={self.lr:g} seed={self.seed}"
+
+
+def package_versions() -> dict[str, str]:
+    """Versions that can change a result; part of every cache key."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("spalora", "torch", "transformers", "peft"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "-"
+    return out
 
 
 def grid(method: str, profile: Profile, r_eq: int) -> list[tuple[dict, float]]:
@@ -113,7 +146,7 @@ def run_one(
     """Train one configuration and score it on validation and test (full fine-tuning runs are
     also saved under `save_dir`, for `spalora analyze`)."""
     from ..evaluate import evaluate_task
-    from ..train import TrainConfig, train
+    from ..train import train
 
     model, tokenizer = load_model(spec.model)
     task = load_task(spec.task)  # the split is fixed (seed 0): only training varies by seed
@@ -128,17 +161,20 @@ def run_one(
     n_trainable = trainable_params(model)
     if spec.method != "fft" and n_trainable > budget:
         raise RuntimeError(f"{spec.label()}: {n_trainable:,} trainable > budget {budget:,}")
-    cfg = TrainConfig(
-        steps=p.steps,
-        batch_size=p.batch_size,
-        lora_lr=spec.lr,
-        sparse_lr=spec.lr,
-        max_length=p.max_length,
-        seed=spec.seed,
-        progress=progress,
-    )
+    cfg = replace(spec.train_config(), progress=progress)
     started = time.perf_counter()
-    history = train(model, tokenizer, task.train, cfg)["history"]
+    try:
+        history = train(model, tokenizer, task.train, cfg)["history"]
+    except FloatingPointError as exc:  # diverged: cached as such, never selected
+        return {
+            "diverged": str(exc),
+            "validation": float("-inf"),
+            "test": float("nan"),
+            "metric": task.metric,
+            "trainable_params": n_trainable,
+            "budget_params": budget,
+            "versions": package_versions(),
+        }
     train_seconds = time.perf_counter() - started
     val = task.validation[: p.val_limit] if p.val_limit else task.validation
     test = task.test[: p.test_limit] if p.test_limit else task.test
@@ -163,6 +199,7 @@ def run_one(
         "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
         "finite": all(x == x for x in losses),
         "saved_model": saved,
+        "versions": package_versions(),
     }
 
 
@@ -214,35 +251,46 @@ def run_benchmark(
         print(f"[bench] {spec.label()}", file=sys.stderr, flush=True)
         result = run_one(spec, load_model, load_task, progress, save_dir)
         cache.put(spec, result)
-        print(
-            f"[bench]   validation {result['validation']:.4f} test {result['test']:.4f} "
-            f"({result['train_seconds']:.0f} s)",
-            file=sys.stderr,
-            flush=True,
-        )
+        if "diverged" in result:
+            line = f"[bench]   diverged: {result['diverged']}"
+        else:
+            line = (
+                f"[bench]   validation {result['validation']:.4f} test {result['test']:.4f} "
+                f"({result.get('train_seconds', 0):.0f} s)"
+            )
+        print(line, file=sys.stderr, flush=True)
         return result
 
     records, grid_rows = [], []
+    mdl = model
     for task in tasks:
         for r_eq in budgets:
             for method in methods:
                 seed0 = profile.seeds[0]
+                run_r = 0 if method == "fft" else r_eq  # no budget: one set of runs for all
                 specs = [
-                    RunSpec(method, tuple(sorted(v.items())), lr, seed0, task, r_eq, profile, model)
+                    RunSpec(method, tuple(sorted(v.items())), lr, seed0, task, run_r, profile, mdl)
                     for v, lr in grid(method, profile, r_eq)
                 ]
                 results = [ensure(s) for s in specs]
                 if any(r is None for r in results):  # report-only: an unfinished grid
                     continue
                 for spec, r in zip(specs, results, strict=True):
-                    grid_rows.append({"spec": asdict(spec), "validation": r["validation"]})
+                    grid_rows.append(
+                        {
+                            "spec": asdict(spec),
+                            "budget": r_eq,
+                            "validation": r["validation"],
+                            "diverged": "diverged" in r,
+                        }
+                    )
                 # The best validation score; ties go to the earlier (smaller) setting.
                 best = max(range(len(specs)), key=lambda i: (results[i]["validation"], -i))
                 for seed in profile.seeds:
                     spec = replace(specs[best], seed=seed)
                     result = ensure(spec)
                     if result is not None:
-                        records.append({"spec": asdict(spec), "result": result})
+                        records.append({"spec": asdict(spec), "budget": r_eq, "result": result})
     return records, grid_rows
 
 
@@ -251,10 +299,10 @@ def summarize(records: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for rec in records:
         s = rec["spec"]
-        groups.setdefault((s["method"], s["r_eq"], s["task"]), []).append(rec)
+        groups.setdefault((s["method"], rec.get("budget", s["r_eq"]), s["task"]), []).append(rec)
     rows = []
     for (method, r_eq, task), recs in groups.items():
-        tests = [r["result"]["test"] for r in recs]
+        tests = [r["result"]["test"] for r in recs]  # a diverged seed counts as NaN, visibly
         spec = recs[0]["spec"]
         rows.append(
             {
@@ -265,7 +313,7 @@ def summarize(records: list[dict]) -> list[dict]:
                 "std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
                 "n_seeds": len(tests),
                 "trainable_params": recs[0]["result"]["trainable_params"],
-                "adapter_bytes": recs[0]["result"]["adapter_bytes"],
+                "adapter_bytes": recs[0]["result"].get("adapter_bytes", 0),
                 "lr": spec["lr"],
                 "variant": dict(spec["variant"]),
                 "metric": recs[0]["result"]["metric"],
@@ -343,11 +391,13 @@ def write_report(
     for g in grid_rows:
         s = g["spec"]
         variant = dict(s["variant"])
-        key = (s["task"], s["r_eq"], s["method"], s["lr"], json.dumps(variant))
+        budget = g.get("budget", s["r_eq"])
+        key = (s["task"], budget, s["method"], s["lr"], json.dumps(variant))
+        score = "diverged" if g.get("diverged") else f"{100 * g['validation']:.1f}"
         lines.append(
-            f"| {s['task']} | {s['r_eq']} | {s['method']} | "
+            f"| {s['task']} | {budget} | {s['method']} | "
             f"{', '.join(f'{k}={v}' for k, v in variant.items()) or '-'} | {s['lr']:g} | "
-            f"{100 * g['validation']:.1f} | {'x' if key in chosen else ''} |"
+            f"{score} | {'x' if key in chosen else ''} |"
         )
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
     return [out / "accuracy.md", out / "accuracy.csv", plot_accuracy(rows, out / "accuracy.png")]

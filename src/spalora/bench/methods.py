@@ -112,7 +112,7 @@ def supra_sparsity(model: nn.Module, r_eq: int, r: int) -> float:
 def _peft_supra(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
     from peft import SupertuningConfig, get_peft_model
 
-    r = max(1, r_eq // 2)  # half the budget on rank, as our RoSA default
+    r = max(1, int(variant.get("rank_fraction", 0.5) * r_eq))  # the split, as RoSA's grid
     cfg = SupertuningConfig(
         r=r,
         lora_alpha=2 * r,
@@ -139,7 +139,8 @@ METHODS: dict[str, Method] = {
         Method(
             "peft-supra",
             _peft_supra,
-            description="PEFT SupertuningConfig(r=r_eq/2) + magnitude support for the rest",
+            variants=rosa_splits,
+            description="PEFT SupertuningConfig: rank + magnitude support; split on validation",
         ),
     )
 }
