@@ -403,14 +403,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     seed = args.seed
     if seed is None:  # the split the adapter was trained on, so no test example was seen
         seed = SpaloraConfig.load(args.adapter).seed if args.adapter else 0
-    data = {
-        "path": args.data,
-        "eval_path": args.eval_data,
-        "metric": args.metric,
-        "prompt_field": args.prompt_field,
-        "completion_field": args.completion_field,
-        "strict": args.strict,
-    }
+    data = {key: getattr(args, flag) for flag, (section, key) in FLAGS.items() if section == "data"}
     task = _load_task(args.task, seed, data if args.task == "file" else {})
     for note in task.notes:
         print(f"[spalora] data: {note}", file=sys.stderr)

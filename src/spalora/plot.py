@@ -91,14 +91,21 @@ def plot_loss(history: list[dict], out: Path) -> Path:
     return out
 
 
+def block_and_kind(name: str) -> tuple[str, str]:
+    """("3", "mlp.down_proj") for "model.layers.3.mlp.down_proj"; ("-", name) without a block
+    index. The kind keeps the parent (attn.c_proj and mlp.c_proj stay apart)."""
+    match = re.search(r"\.(\d+)\.", name)
+    return (match.group(1), name[match.end() :]) if match else ("-", name)
+
+
 def layer_grid(config: SpaloraConfig) -> tuple[list[str], list[str], dict]:
     """(block indices, module types, {(block, type): (r, nnz)}) from the saved per-layer sizes."""
     cells: dict[tuple[str, str], tuple[int, int]] = {}
     for name in sorted(set(config.rank_pattern) | set(config.nnz_pattern)):
-        match = re.search(r"\.(\d+)\.", name)
-        block = match.group(1) if match else "-"
-        kind = name[match.end() :] if match else name  # e.g. attn.c_proj vs mlp.c_proj
-        cells[(block, kind)] = (config.rank_pattern.get(name, 0), config.nnz_pattern.get(name, 0))
+        cells[block_and_kind(name)] = (
+            config.rank_pattern.get(name, 0),
+            config.nnz_pattern.get(name, 0),
+        )
     blocks = sorted(
         {b for b, _ in cells}, key=lambda b: (not b.isdigit(), int(b) if b.isdigit() else 0)
     )
@@ -130,10 +137,9 @@ def plot_allocation(adapter_dir: Path, out: Path) -> Path:
     blocks, kinds, cells = layer_grid(config)
     rank = np.zeros((len(kinds), len(blocks)))
     sparse = np.zeros((len(kinds), len(blocks)))
-    names = {}
-    for name in set(config.rank_pattern) | set(config.nnz_pattern):
-        match = re.search(r"\.(\d+)\.", name)
-        names[(match.group(1), name[match.end() :]) if match else ("-", name)] = name
+    names = {
+        block_and_kind(name): name for name in set(config.rank_pattern) | set(config.nnz_pattern)
+    }
     for (b, k), (r, n) in cells.items():
         rank[kinds.index(k), blocks.index(b)] = r
         shape = shapes.get(names.get((b, k), ""))

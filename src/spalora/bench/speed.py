@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import platform
 import resource
@@ -138,11 +139,15 @@ def memory_of(row: str, model_name: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _memory_main(row: str, model_name: str) -> None:
+def model_loader(model_name: str):
+    """A no-argument loader of `model_name`, as build_row and mask_generation take."""
     from ..hub import load_model_and_tokenizer
 
-    def load_model():
-        return load_model_and_tokenizer(model_name)
+    return functools.partial(load_model_and_tokenizer, model_name)
+
+
+def _memory_main(row: str, model_name: str) -> None:
+    load_model = model_loader(model_name)
 
     if row == "mask":
         result = mask_generation(load_model)
@@ -165,10 +170,7 @@ def run_speed(
     progress: bool = True,
     command: str = "spalora bench speed",
 ) -> list[Path]:
-    from ..hub import load_model_and_tokenizer
-
-    def load_model():
-        return load_model_and_tokenizer(model_name)
+    load_model = model_loader(model_name)
 
     times = time_rows(rows, load_model, repeats, progress=progress)
     median = {row: statistics.median(t) for row, t in times.items()}
