@@ -122,7 +122,8 @@ def test_gpt2_conv1d_merge_matches():
     adapted = wrapped(input_ids=ids).logits
     ref = {}
     for name, layer in wrapped.adapter_layers().items():  # dense reference per layer
-        ref[name] = layer.base_layer.weight.detach().clone() + layer.delta_weight().t()
+        # W0 (+ delta): base_layer.weight holds W0 + S at the mask after a forward
+        ref[name] = layer.base_weight().t().detach().clone() + layer.delta_weight().t()
     merged = wrapped.merge_and_unload()
     for name, w in ref.items():
         torch.testing.assert_close(merged.get_submodule(name).weight, w)

@@ -70,6 +70,12 @@ FLAGS = {
     "warmup_steps": ("adapter", "warmup_steps"),
     "mask_batches": ("adapter", "mask_batches"),
     "restart": ("adapter", "restart_after_mask"),
+    "overprovision": ("adapter", "overprovision"),
+    "rank_reg": ("adapter", "rank_reg"),
+    "sparse_reg": ("adapter", "sparse_reg"),
+    "irls_every": ("adapter", "irls_every"),
+    "allocation": ("adapter", "allocation"),
+    "truncate_at": ("adapter", "truncate_at"),
     "steps": ("train", "steps"),
     "grad_accum": ("train", "grad_accum"),
     "batch_size": ("train", "batch_size"),
@@ -119,13 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--task", help=TASK_HELP)
     add_data_flags(t)
     t.add_argument("--output-dir", help="where the adapter and metrics.json go")
-    t.add_argument("--method", choices=["lora", "sparse", "rosa"])
+    t.add_argument(
+        "--method",
+        choices=["lora", "sparse", "rosa", "spalora"],
+        help="spalora: ours (IRLS penalties split the budget across layers, then truncate)",
+    )
     t.add_argument("--budget", help="'r8' (as LoRA r=8), '0.5%%' of the model, or a count")
     t.add_argument("--rank-fraction", type=float, help="share of the budget spent on rank")
     t.add_argument("--r", type=int, help="LoRA rank (when no budget is given)")
     t.add_argument("--density", type=float, help="sparse density (when no budget is given)")
     t.add_argument("--target-modules", help="'all-linear', names joined by commas, or a regex")
-    t.add_argument("--mask-strategy", choices=["fisher", "grad", "magnitude", "wanda", "random"])
+    t.add_argument(
+        "--mask-strategy", choices=["fisher", "grad", "residual", "magnitude", "wanda", "random"]
+    )
     t.add_argument("--warmup-steps", type=int, help="LoRA-only steps before the mask")
     t.add_argument("--mask-batches", type=int, help="micro-batches of mask statistics")
     t.add_argument(
@@ -133,6 +145,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_const",
         const=True,
         help="after the mask, reset adapters and train from step 0 (paper recipe)",
+    )
+    t.add_argument(
+        "--overprovision", type=float, help="spalora: train with this many times r and k (1.5)"
+    )
+    t.add_argument("--rank-reg", type=float, help="spalora: IRLS rank penalty weight (10)")
+    t.add_argument("--sparse-reg", type=float, help="spalora: IRLS sparsity penalty weight (10)")
+    t.add_argument("--irls-every", type=int, help="spalora: steps between IRLS refreshes (10)")
+    t.add_argument(
+        "--allocation",
+        choices=["global", "uniform"],
+        help="spalora: one global threshold across layers, or RoSA's even split",
+    )
+    t.add_argument(
+        "--truncate-at",
+        type=float,
+        help="spalora: truncate to the budget at this fraction of the run (0.5), or step (>= 1)",
     )
     t.add_argument("--steps", type=int)
     t.add_argument("--batch-size", type=int)

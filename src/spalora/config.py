@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("lora", "sparse", "rosa")
-MASK_STRATEGIES = ("fisher", "grad", "magnitude", "wanda", "random")
+METHODS = ("lora", "sparse", "rosa", "spalora")
+MASK_STRATEGIES = ("fisher", "grad", "residual", "magnitude", "wanda", "random")
+ALLOCATIONS = ("global", "uniform")
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -42,9 +43,22 @@ class SpaloraConfig:
     # Per-layer densities overriding `density`: {"mlp.down_proj": 0.02, r".*\.0\..*": 0.05}; a key
     # matches a module whose name equals it or ends with "." + key, or fully matches it as a regex.
     density_pattern: dict[str, float] = field(default_factory=dict)
+    # Our method (method="spalora"): train over-provisioned (`overprovision` x the rank and the
+    # nonzeros the budget allows) under IRLS rank and sparsity penalties, split the budget across
+    # layers at one global threshold (`allocation="global"`; "uniform" keeps RoSA's split in
+    # every layer), then truncate to exactly the budget at `truncate_at` (a fraction of the run's
+    # steps, or an absolute step when >= 1). See spalora.adaptive.
+    overprovision: float = 1.5
+    rank_reg: float = 10.0
+    sparse_reg: float = 10.0
+    irls_every: int = 10
+    allocation: str = "global"
+    truncate_at: float = 0.5
+    rewarm_steps: int = 5
     # Filled by the solver / at save time; reloading uses them verbatim.
     rank_pattern: dict[str, int] = field(default_factory=dict)
     nnz_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # per-layer lora_alpha
     base_model_name_or_path: str | None = None
     peft_type: str = "SPALORA"
     spalora_version: str = "0.1.0"
@@ -74,16 +88,35 @@ class SpaloraConfig:
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
         if self.warmup_steps < 0 or self.mask_batches < 1:
             raise ValueError("warmup_steps must be >= 0 and mask_batches >= 1")
+        if self.method == "spalora":
+            if self.overprovision < 1.0:
+                raise ValueError(f"overprovision must be >= 1, got {self.overprovision}")
+            if self.rank_reg < 0 or self.sparse_reg < 0:
+                raise ValueError("rank_reg and sparse_reg must be >= 0")
+            if self.irls_every < 1 or self.rewarm_steps < 0:
+                raise ValueError("irls_every must be >= 1 and rewarm_steps >= 0")
+            if self.allocation not in ALLOCATIONS:
+                raise ValueError(
+                    f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}"
+                )
+            if float(self.truncate_at) <= 0:
+                raise ValueError(f"truncate_at must be > 0, got {self.truncate_at}")
+            if self.restart_after_mask:
+                raise ValueError(
+                    "restart_after_mask is RoSA's recipe; method='spalora' has its own"
+                )
+            if self.budget is None and not (self.rank_pattern or self.nnz_pattern):
+                raise ValueError("method='spalora' needs a budget (it splits one across layers)")
         if self.method == "lora" and self.density is not None:
             raise ValueError("density is set but method='lora' has no sparse part")
 
     @property
     def uses_lora(self) -> bool:
-        return self.method in ("lora", "rosa")
+        return self.method in ("lora", "rosa", "spalora")
 
     @property
     def uses_sparse(self) -> bool:
-        return self.method in ("sparse", "rosa")
+        return self.method in ("sparse", "rosa", "spalora")
 
     @property
     def effective_rank_fraction(self) -> float:

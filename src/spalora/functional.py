@@ -5,12 +5,13 @@ smaller than W's bf16 rounding step is invisible in the forward (its gradient is
 fp32). Keep the base in fp32 (the default here) where that matters.
 
 Why one Function: the layer input x is saved once for every gradient (LoRA's and the sparse
-values'), the dense W + S is rebuilt on the fly in forward and again in backward (a ~0.1 ms copy
-next to a ~10 ms matmul, so no extra weight-sized tensor lives until backward), and the values'
-gradient is a sampled product (SDDMM) on the mask only: no dense gradient of W is ever formed.
-Measured on the 2-core CPU (benchmarks/layer_speed.py): torch.sparse CSR matmuls are slower than
-a dense matmul with W + S, and `torch.sparse.sampled_addmm` is the fastest way to the values'
-gradient.
+values'), and the values' gradient is a sampled product (SDDMM) on the mask only: no dense
+gradient of W is ever formed. The dense W + S is either formed here out of place, in forward and
+again in backward (a weight-sized copy each time), or, with `sparse_in_weight=True`, already held
+by `weight`: SpaloraLinear keeps W0 + S written into its base weight at the mask (nnz writes per
+forward) so that training pays no weight-sized copy at all. Measured on the 2-core CPU
+(benchmarks/layer_speed.py): torch.sparse CSR matmuls are slower than a dense matmul with W + S,
+and `torch.sparse.sampled_addmm` is the fastest way to the values' gradient.
 """
 
 from __future__ import annotations
@@ -63,15 +64,30 @@ class SparseLoraLinearFunction(torch.autograd.Function):
       lora_A (r, in), lora_B (out, r), scale: float;
       values (nnz,), crow (out+1,), col (nnz,), rows (nnz,): the sparse delta in CSR order;
       drop_mask: a bool tensor shaped like x, True where LoRA's input is kept, or None;
-      keep_prob: the kept fraction (kept inputs are scaled by 1/keep_prob, as nn.Dropout does).
+      keep_prob: the kept fraction (kept inputs are scaled by 1/keep_prob, as nn.Dropout does);
+      sparse_in_weight: True when `weight` already holds W + S (values then only get a gradient).
     """
 
     @staticmethod
     def forward(
-        ctx, x, weight, bias, lora_A, lora_B, scale, values, crow, col, rows, drop_mask, keep_prob
+        ctx,
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        scale,
+        values,
+        crow,
+        col,
+        rows,
+        drop_mask,
+        keep_prob,
+        sparse_in_weight,
     ):
         use_sparse = values is not None
-        w_eff = add_sparse(weight, rows, col, values) if use_sparse else weight
+        add = use_sparse and not sparse_in_weight
+        w_eff = add_sparse(weight, rows, col, values) if add else weight
         out = torch.nn.functional.linear(x, w_eff, bias)
         lora_h = None
         if lora_A is not None:
@@ -84,6 +100,7 @@ class SparseLoraLinearFunction(torch.autograd.Function):
         ctx.scale = scale
         ctx.keep_prob = keep_prob
         ctx.use_sparse = use_sparse
+        ctx.add_sparse = add
         ctx.shape = tuple(weight.shape)
         ctx.save_for_backward(x, weight, lora_A, lora_B, values, crow, col, rows, drop_mask, lora_h)
         return out
@@ -99,7 +116,7 @@ class SparseLoraLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
 
         if needs[0]:
-            w_eff = add_sparse(weight, rows, col, values) if ctx.use_sparse else weight
+            w_eff = add_sparse(weight, rows, col, values) if ctx.add_sparse else weight
             grad_x = g2 @ w_eff.to(cd)
         if lora_A is not None and (needs[0] or needs[3] or needs[4]):
             # The scale goes on the small (N, r) factors, never on a (N, out) or (N, in) tensor.
@@ -120,7 +137,8 @@ class SparseLoraLinearFunction(torch.autograd.Function):
             grad_values = sampled_weight_grad(g2, x2, crow, col, ctx.shape).to(values.dtype)
         if grad_x is not None:
             grad_x = grad_x.reshape(x.shape).to(x.dtype)
-        return grad_x, None, None, grad_A, grad_B, None, grad_values, None, None, None, None, None
+        nones = (None,) * 6  # crow, col, rows, drop_mask, keep_prob, sparse_in_weight
+        return grad_x, None, None, grad_A, grad_B, None, grad_values, *nones
 
 
 def sparse_lora_linear(
@@ -136,8 +154,13 @@ def sparse_lora_linear(
     rows: torch.Tensor | None = None,
     drop_mask: torch.Tensor | None = None,
     keep_prob: float = 1.0,
+    sparse_in_weight: bool = False,
 ) -> torch.Tensor:
-    """Functional entry point; see SparseLoraLinearFunction. The base weight must be frozen."""
+    """Functional entry point; see SparseLoraLinearFunction. The base weight must be frozen.
+
+    By default `weight` is W and W + S is formed here; pass `sparse_in_weight=True` when `weight`
+    already holds W + S (the values, crow, col are then used for the values' gradient only).
+    """
     if weight.requires_grad:
         raise ValueError("sparse_lora_linear trains adapters only: the base weight must be frozen")
     return SparseLoraLinearFunction.apply(
@@ -153,6 +176,7 @@ def sparse_lora_linear(
         rows,
         drop_mask,
         float(keep_prob),
+        bool(sparse_in_weight),
     )
 
 

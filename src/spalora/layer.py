@@ -3,6 +3,17 @@
 The sparse part S has a fixed mask stored as CSR buffers (int32 where the sizes allow, so no
 32,767 limit on matrix sides) and trainable values in CSR order. Until a mask is chosen
 (crow[-1] != nnz) the sparse part is off and its values receive no gradient.
+
+W0 + S lives in the base weight while the sparse part is in use: the first forward that uses it
+saves the original entries W0[mask] (nnz values, in W's dtype) and writes W0[mask] + S there;
+every later forward rewrites those nnz entries from the current values (cheap, and needs no
+version counter: fused optimizers change parameters without bumping it). So training never
+copies a whole weight. W0 is put back by `restore_base_weight()`, which everything that needs
+the original weight calls first: `base_weight()`, merge, a disabled forward, `disable_adapter()`,
+`unload()`, mask changes, resize, adapter loads, and `state_dict()` (so a saved state never holds
+W0 + S). Reading `base_layer.weight` directly after a forward, though, shows W0 + S at the mask:
+use `base_weight()`. A restore is an in-place change autograd sees, so a graph built by an adapted
+forward cannot be backpropagated after one (autograd raises rather than use the wrong weight).
 """
 
 from __future__ import annotations
@@ -49,6 +60,14 @@ def csr_from_flat(flat: torch.Tensor, n_rows: int, n_cols: int):
     return crow.to(dt), cols.to(dt), rows
 
 
+def _restore_hook(module: SpaloraLinear, *_args) -> None:
+    module.restore_base_weight()
+
+
+def _refresh_hook(module: SpaloraLinear, _keys) -> None:
+    module.refresh_rows()
+
+
 class SpaloraLinear(nn.Module):
     """A frozen Linear/Conv1D plus a LoRA part of rank `r` and a sparse part of `nnz` entries."""
 
@@ -67,24 +86,48 @@ class SpaloraLinear(nn.Module):
         self.base_layer = base_layer
         self.out_features, self.in_features = out_f, in_f
         self.conv1d = is_conv1d(base_layer)
-        self.r = int(r)
-        self.nnz = int(nnz)
-        self.lora_alpha = float(lora_alpha)
-        self.scale = self.lora_alpha / self.r if self.r > 0 else 0.0
         self.lora_dropout = float(lora_dropout)
         self.merged = False
         self.disabled = False
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        w = base_layer.weight
+        self._warned_merged = False
+        # (rows, cols, W0 at them) while the base weight holds W0 + S there, else None
+        self._w0: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._w0_key: tuple = ()
+        self.resize(r, nnz, lora_alpha)
+        self.reset_lora()
+        # Any load path (ours, Trainer resume, a plain load_state_dict) re-derives the row index;
+        # W0 goes back first, so a load replacing the base weight or the mask finds it pristine.
+        # (Module-level functions, not lambdas: the module stays picklable.)
+        self._register_load_state_dict_pre_hook(_restore_hook, with_module=True)
+        self.register_load_state_dict_post_hook(_refresh_hook)
+        # A state dict (the base model's included) holds W0, never W0 + S.
+        self.register_state_dict_pre_hook(_restore_hook)
+
+    # ----------------------------------------------------------------- parts
+    def resize(self, r: int, nnz: int, lora_alpha: float) -> None:
+        """Give the layer adapter tensors of rank `r` and `nnz` entries, all zero, no mask.
+
+        The tensors are new Parameter objects: an optimizer that held the old ones must be told
+        (spalora.adaptive does this when it truncates a layer to its share of the budget).
+        """
+        self._check_not_merged("resize")
+        self.restore_base_weight()  # the old mask's entries, before its buffers go
+        out_f, in_f = self.out_features, self.in_features
+        if r < 0 or nnz < 0 or nnz > out_f * in_f:
+            raise ValueError(f"invalid adapter size r={r}, nnz={nnz} for a {out_f}x{in_f} layer")
+        w = self.base_layer.weight
         factory = {
             "device": w.device,
             "dtype": torch.float32 if w.dtype.is_floating_point else None,
         }
+        self.r, self.nnz = int(r), int(nnz)
+        self.lora_alpha = float(lora_alpha)
+        self.scale = self.lora_alpha / self.r if self.r > 0 else 0.0
         if self.r > 0:
-            self.lora_A = nn.Parameter(torch.empty(self.r, in_f, **factory))
+            self.lora_A = nn.Parameter(torch.zeros(self.r, in_f, **factory))
             self.lora_B = nn.Parameter(torch.zeros(out_f, self.r, **factory))
-            self.reset_lora()
         else:
             self.lora_A = self.lora_B = None
         if self.nnz > 0:
@@ -99,12 +142,10 @@ class SpaloraLinear(nn.Module):
             )
         else:
             self.sparse_values = None
-        self._warned_merged = False
+            for buf in ("sparse_crow", "sparse_col", "sparse_rows"):
+                self._buffers.pop(buf, None)
         self._mask_ready = False  # cached: reading crow on an accelerator would sync every step
-        # Any load path (ours, Trainer resume, a plain load_state_dict) re-derives the row index.
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_rows())
 
-    # ----------------------------------------------------------------- parts
     def reset_lora(self, generator: torch.Generator | None = None) -> None:
         """A Kaiming-uniform (as PEFT and RoSA), B zero: the wrapped layer starts identical."""
         if self.r == 0:
@@ -126,9 +167,55 @@ class SpaloraLinear(nn.Module):
             raise RuntimeError(f"cannot {action} while the adapter is merged: unmerge it first")
 
     def base_weight(self) -> torch.Tensor:
-        """The frozen weight as (out, in) (a view for Conv1D)."""
-        w = self.base_layer.weight
+        """The original frozen weight W0 as (out, in) (a view for Conv1D).
+
+        Puts W0 back into the base layer's storage if a forward had written W0 + S there.
+        """
+        self.restore_base_weight()
+        return self._weight_view()
+
+    def _weight_view(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.base_layer.weight if w is None else w
         return w.t() if self.conv1d else w
+
+    def _mask_key(self) -> tuple:
+        return (id(self.sparse_col), self.sparse_col._version, self.sparse_crow._version)
+
+    @torch.no_grad()
+    def restore_base_weight(self) -> None:
+        """Write W0 back at the mask where a forward had written W0 + S (no-op otherwise)."""
+        if self._w0 is None:
+            return
+        rows, cols, w0 = self._w0
+        w = self._weight_view()
+        # a normal in-place write: autograd sees it, so a graph that saved W0 + S cannot be
+        # backpropagated with W0 by mistake
+        w.index_put_((rows.to(w.device), cols.to(w.device)), w0.to(w.device, w.dtype))
+        self._w0 = None
+
+    @torch.no_grad()
+    def _sparse_weight(self) -> torch.Tensor:
+        """The base weight as (out, in), holding W0 + S at the mask (written here)."""
+        if self._w0 is not None and self._w0_key != self._mask_key():
+            self.restore_base_weight()  # the mask buffers changed behind our back
+        w = self._weight_view()
+        if self._w0 is None:  # W holds W0: save W0 at the mask, then write W0 + S
+            rows = self.sparse_rows.clone()
+            cols = self.sparse_col.to(torch.int64, copy=True)
+            self._w0 = (rows, cols, w[rows, cols])  # advanced indexing: a copy
+            self._w0_key = self._mask_key()
+            target = w  # bumps W's version: a graph that saved W0 must not see W0 + S
+        else:
+            # W already holds W0 + S; the values may have changed since (an optimizer step), or
+            # not (a micro-batch, a checkpointed recompute): rewriting unchanged values leaves
+            # every byte as it was, so this write leaves the version alone (via .data), which
+            # keeps graphs of earlier forwards with the same values valid.
+            target = self._weight_view(self.base_layer.weight.data)
+        rows, cols, w0 = self._w0
+        if rows.device != w.device or w0.dtype != w.dtype:  # the module moved or was cast
+            self._w0 = rows, cols, w0 = (rows.to(w.device), cols.to(w.device), w0.to(w))
+        target.index_put_((rows, cols), w0 + self.sparse_values.detach().to(w.dtype))
+        return w
 
     def set_mask(self, flat_indices: torch.Tensor) -> None:
         """Fix the sparse support: `nnz` distinct row-major flat indices into the (out, in) weight.
@@ -136,6 +223,7 @@ class SpaloraLinear(nn.Module):
         Values are reset to zero, so the adapted layer's output is unchanged by this call.
         """
         self._check_not_merged("set a mask")
+        self.restore_base_weight()  # at the old mask
         flat = torch.as_tensor(flat_indices, device=self.sparse_crow.device).reshape(-1)
         numel = self.out_features * self.in_features
         if flat.numel() != self.nnz or torch.unique(flat).numel() != self.nnz:
@@ -150,8 +238,17 @@ class SpaloraLinear(nn.Module):
             self.sparse_values.zero_()
         self._mask_ready = True
 
+    def set_sparse(self, flat_indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Set the mask and the values at it (values in the order of `flat_indices`)."""
+        flat = torch.as_tensor(flat_indices, device=self.sparse_crow.device).reshape(-1)
+        order = torch.argsort(flat)
+        self.set_mask(flat)  # validates; stores entries sorted by flat index (CSR order)
+        with torch.no_grad():
+            self.sparse_values.copy_(values.reshape(-1)[order.to(values.device)])
+
     def refresh_rows(self) -> None:
         """Re-derive the row of each nonzero and the mask state from crow (after a load)."""
+        self.restore_base_weight()  # at the mask W0 + S was written for (saved with W0)
         self._mask_ready = self.nnz > 0 and int(self.sparse_crow[-1]) == self.nnz
         if not self._mask_ready:
             return
@@ -196,14 +293,20 @@ class SpaloraLinear(nn.Module):
             )
             self._warned_merged = True
         if self.merged or self.disabled or (self.r == 0 and not use_sparse):
+            self.restore_base_weight()  # the base layer alone runs with W0
             return self.base_layer(x)
         drop_mask, keep = None, 1.0 - self.lora_dropout
         if self.r > 0 and self.training and self.lora_dropout > 0:
             # bool: cheaper to draw and to keep than floats; drawn in fp32 (bf16 rand is coarse)
             drop_mask = torch.rand(x.shape, device=x.device) < keep
+        if use_sparse:
+            weight = self._sparse_weight()  # W0 + S, written into the base weight
+        else:
+            self.restore_base_weight()
+            weight = self._weight_view()
         return sparse_lora_linear(
             x,
-            self.base_weight(),
+            weight,
             self.base_layer.bias,
             self.lora_A,
             self.lora_B,
@@ -214,6 +317,7 @@ class SpaloraLinear(nn.Module):
             self.sparse_rows if use_sparse else None,
             drop_mask,
             keep,
+            sparse_in_weight=use_sparse,
         )
 
     # ----------------------------------------------------------------- merge
@@ -222,7 +326,7 @@ class SpaloraLinear(nn.Module):
         """W <- W + delta in place; forward then runs the base layer alone."""
         if self.merged:
             return
-        w = self.base_weight()
+        w = self.base_weight()  # W0 (S is in delta)
         w.add_(self.delta_weight().to(w.dtype))
         self.merged = True
 

@@ -5,7 +5,10 @@ a forward hook, never modified in place) and the output gradient G (a tensor hoo
 while W is frozen or quantized and take no gradient itself. They accumulate over micro-batches:
 `fisher` sums (G^T X)^2 (the empirical diagonal Fisher, RoSA's default), `grad` sums G^T X and
 ranks by |mean|. `wanda` ranks |W_ij| * ||X_j|| with input norms from forward passes only;
-`magnitude` ranks |W|; `random` draws a uniform support (SLTrain). A user callable
+`residual` is `fisher` on the part of each gradient that the current low-rank subspace does not
+explain, (I - U U^T) G (I - V V^T) with U, V from the SVD of B A when collection starts, so nonzeros
+are not spent on directions LoRA already covers. `magnitude` ranks |W|; `random` draws a uniform
+support (SLTrain). A user callable
 `fn(name, weight, k) -> scores or bool mask` may replace all of them.
 """
 
@@ -16,9 +19,10 @@ from collections.abc import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from .irls import factored_svd
 from .layer import SpaloraLinear
 
-GRADIENT_STRATEGIES = ("fisher", "grad")
+GRADIENT_STRATEGIES = ("fisher", "grad", "residual")
 ACTIVATION_STRATEGIES = ("wanda",)
 
 
@@ -40,6 +44,9 @@ class MaskCollector:
         self.layers = layers
         self.strategy = strategy
         self.stats: dict[str, torch.Tensor] = {}
+        self.input_sq: dict[str, torch.Tensor] = {}  # per input feature: sum of x^2 over tokens
+        self.input_tokens: dict[str, int] = {}
+        self._subspace: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.batches = 0  # micro-batches whose statistics reached every layer
         self._seen: dict[str, int] = {}
         self._handles = []
@@ -47,6 +54,15 @@ class MaskCollector:
     def attach(self) -> MaskCollector:
         for name, layer in self.layers.items():
             self._seen[name] = 0
+            if self.strategy == "residual" and layer.r > 0:
+                spec = factored_svd(layer.lora_B, layer.lora_A, layer.scale)
+                keep = spec.sigma > spec.sigma.max().clamp_min(1e-30) * 1e-6  # B A's range only
+                if bool(keep.any()):
+                    w = layer.base_layer.weight
+                    self._subspace[name] = (
+                        spec.U[:, keep].to(w.device, torch.float32),
+                        spec.V[:, keep].to(w.device, torch.float32),
+                    )
             self._handles.append(layer.register_forward_hook(self._make_hook(name)))
         return self
 
@@ -61,8 +77,10 @@ class MaskCollector:
                 return None
             x = inputs[0].detach()
             x2 = x.reshape(-1, x.shape[-1]).float()
+            sq = (x2 * x2).sum(0)
+            self._add_input(name, sq, x2.shape[0])
             if self.strategy == "wanda":
-                self._add(name, (x2 * x2).sum(0))
+                self._add(name, sq)
                 self._count(name)
                 return None
             if not torch.is_grad_enabled():
@@ -73,7 +91,11 @@ class MaskCollector:
             def on_grad(g):
                 g2 = g.detach().reshape(-1, g.shape[-1]).float()
                 wg = g2.t() @ x2  # (out, in): this micro-batch's weight gradient
-                self._add(name, wg * wg if self.strategy == "fisher" else wg)
+                if name in self._subspace:  # residual: (I - U U^T) G (I - V V^T)
+                    U, V = self._subspace[name]
+                    wg = wg - U @ (U.t() @ wg)
+                    wg = wg - (wg @ V) @ V.t()
+                self._add(name, wg if self.strategy == "grad" else wg * wg)
                 self._count(name)
 
             output.register_hook(on_grad)
@@ -86,6 +108,17 @@ class MaskCollector:
             self.stats[name].add_(value)
         else:
             self.stats[name] = value.clone()
+
+    def _add_input(self, name: str, sq: torch.Tensor, tokens: int) -> None:
+        if name in self.input_sq:
+            self.input_sq[name].add_(sq)
+        else:
+            self.input_sq[name] = sq.clone()
+        self.input_tokens[name] = self.input_tokens.get(name, 0) + tokens
+
+    def input_rms(self) -> dict[str, torch.Tensor]:
+        """Root mean square of each layer's input features over the tokens seen."""
+        return {n: (sq / max(1, self.input_tokens[n])).sqrt() for n, sq in self.input_sq.items()}
 
     def _count(self, name: str) -> None:
         self._seen[name] += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,9 +97,10 @@ def resolve_allocation(
             for s in shapes
         ]
     if config.budget is not None:
-        total = sum(p.numel() for p in model.parameters())
-        budget = parse_budget(config.budget, shapes, total)
-        return solve_budget(shapes, budget, config.effective_rank_fraction, config.uses_sparse)
+        uniform = uniform_allocation(model, config, shapes)
+        if config.method == "spalora":
+            return overprovisioned(uniform, config.overprovision)
+        return uniform
     r = int(config.r) if config.uses_lora else 0
     if config.uses_sparse:
         if config.density is None and not config.density_pattern:
@@ -112,6 +114,26 @@ def resolve_allocation(
     return [
         LayerAllocation(s.name, s.out_features, s.in_features, r, k)
         for s, k in zip(shapes, nnz, strict=True)
+    ]
+
+
+def uniform_allocation(
+    model: nn.Module, config: SpaloraConfig, shapes: list[LayerShape]
+) -> list[LayerAllocation]:
+    """RoSA's split of the budget: one rank everywhere, the rest as the same density."""
+    total = sum(p.numel() for p in model.parameters())
+    budget = parse_budget(config.budget, shapes, total)
+    return solve_budget(shapes, budget, config.effective_rank_fraction, config.uses_sparse)
+
+
+def overprovisioned(allocs: list[LayerAllocation], c: float) -> list[LayerAllocation]:
+    """c times each layer's rank (rounded up) and nonzeros (capped at the layer's size): what our
+    method trains with until it truncates to the budget."""
+    return [
+        dataclasses.replace(
+            a, r=math.ceil(c * a.r), nnz=min(a.out_features * a.in_features, round(c * a.nnz))
+        )
+        for a in allocs
     ]
 
 
@@ -137,11 +159,18 @@ class SpaloraModel(nn.Module):
         layers = []
         for a in allocs:
             base = model.get_submodule(a.name)
-            layer = SpaloraLinear(base, a.r, config.lora_alpha, config.lora_dropout, a.nnz)
+            alpha = float(config.alpha_pattern.get(a.name, config.lora_alpha))
+            layer = SpaloraLinear(base, a.r, alpha, config.lora_dropout, a.nnz)
             layer.reset_lora(generator)
             layer.train(base.training)  # new modules start in train mode; follow the model's
             layers.append(layer)
         self.allocations = allocs
+        if config.method == "spalora" and config.budget is not None:
+            # what the method truncates to: recomputed from the budget, so a reloaded
+            # (over-provisioned or already truncated) adapter knows it too
+            shapes = [LayerShape(a.name, a.out_features, a.in_features) for a in allocs]
+            self.uniform_allocations = uniform_allocation(model, config, shapes)
+            self.budget_params = sum(a.params for a in self.uniform_allocations)
         config.rank_pattern = {a.name: a.r for a in allocs}
         config.nnz_pattern = {a.name: a.nnz for a in allocs}
         if config.base_model_name_or_path is None:
@@ -228,6 +257,33 @@ class SpaloraModel(nn.Module):
             f"trainable%: {100 * trainable / total:.4f}"
         )
 
+    def sync_allocations(self) -> None:
+        """Re-read every layer's rank, nonzeros and alpha after layers were resized."""
+        layers = self.adapter_layers()
+        self.allocations = [
+            LayerAllocation(
+                a.name, a.out_features, a.in_features, layers[a.name].r, layers[a.name].nnz
+            )
+            for a in self.allocations
+        ]
+        cfg = self.spalora_config
+        cfg.rank_pattern = {a.name: a.r for a in self.allocations}
+        cfg.nnz_pattern = {a.name: a.nnz for a in self.allocations}
+        cfg.alpha_pattern = {
+            n: lay.lora_alpha for n, lay in layers.items() if lay.lora_alpha != cfg.lora_alpha
+        }
+
+    def resize_layers(self, config: SpaloraConfig) -> None:
+        """Give every layer the sizes a saved configuration describes (values zero, no masks):
+        how a truncated run's checkpoint is loaded into a freshly built over-provisioned model."""
+        for name, layer in self.adapter_layers().items():
+            layer.resize(
+                int(config.rank_pattern.get(name, 0)),
+                int(config.nnz_pattern.get(name, 0)),
+                float(config.alpha_pattern.get(name, config.lora_alpha)),
+            )
+        self.sync_allocations()
+
     def allocation_table(self) -> str:
         return format_allocation_table(self.allocations)
 
@@ -290,6 +346,8 @@ class SpaloraModel(nn.Module):
         if any(layer.merged for layer in layers.values()):
             raise RuntimeError("cannot load adapter weights while merged: unmerge_adapter() first")
         validate_adapter_state(self.base_model, self.spalora_config, state, wrapped=True)
+        for layer in layers.values():
+            layer.restore_base_weight()  # W0 at the old mask, before the mask is replaced
         with torch.no_grad():
             for key, value in state.items():
                 name, _, attr = key.rpartition(".")
@@ -317,17 +375,24 @@ class SpaloraModel(nn.Module):
         """Remove the adapters without merging; returns the original base model."""
         for name, layer in self.adapter_layers().items():
             layer.unmerge()
+            layer.restore_base_weight()  # a forward may have written W0 + S into it
             _set_submodule(self.base_model, name, layer.base_layer)
         return self.base_model
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Run the base model alone inside the block (merged layers are unmerged meanwhile)."""
+        """Run the base model alone inside the block (merged layers are unmerged meanwhile).
+
+        Base weights hold W0 inside the block (a forward may have written W0 + S into them; that
+        is undone here), so a graph of an adapted forward from before the block cannot be
+        backpropagated after it: run the base model's forward first, as TRL's DPO does.
+        """
         layers = list(self.adapter_layers().values())
         merged = [layer for layer in layers if layer.merged]
         for layer in merged:
             layer.unmerge()
         for layer in layers:
+            layer.restore_base_weight()
             layer.disabled = True
         try:
             yield

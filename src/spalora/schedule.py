@@ -8,6 +8,13 @@ HF `Trainer` with `SpaloraCallback`. Phases:
              activation strategies only; training goes on meanwhile);
   joint   -> masks are set, values start at zero and train with LoRA.
 
+Our method (method="spalora") puts one phase between collect and joint:
+
+  compress -> over-provisioned adapters train under IRLS rank and sparsity penalties while one
+              global threshold splits the budget across layers (spalora.adaptive); at
+              `truncate_at` every layer is cut to its share, and joint training goes on at
+              exactly the budget (`lr_scale()` re-warms the learning rate for `rewarm_steps`).
+
 With `restart_after_mask=True` (the paper's two-run recipe in one run) the adapters return to
 their initial state when the masks are set and the optimizer state is cleared; `restarted` tells
 the loop to restart its learning-rate schedule.
@@ -22,19 +29,26 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from .adaptive import BudgetController
 from .masks import MaskCollector, apply_masks, needs_data
 from .model import SpaloraModel
 
 
 class MaskSchedule:
-    def __init__(self, model: SpaloraModel, progress: bool = True) -> None:
+    def __init__(
+        self, model: SpaloraModel, progress: bool = True, total_steps: int | None = None
+    ) -> None:
         self.model = model
         self.config = model.spalora_config
         self.progress = progress
+        self.total_steps = total_steps
         self.steps = 0
         self.restarted = False
+        self.resized = False  # set when layers got new parameter tensors (the loop resets it)
         self.collector: MaskCollector | None = None
+        self.controller: BudgetController | None = None
         self.mask_step: int | None = None
+        self.truncate_step: int | None = None
         layers = model.adapter_layers()
         self._has_sparse = any(lay.nnz > 0 for lay in layers.values())
         self._initial_lora = (
@@ -65,6 +79,7 @@ class MaskSchedule:
         apply_masks(
             layers, self.config.mask_strategy, self.collector, self.config.seed, progress=False
         )
+        input_rms = self.collector.input_rms() if self.collector is not None else None
         self._detach_collector()
         self.mask_step = self.steps
         if self.progress:
@@ -77,6 +92,11 @@ class MaskSchedule:
         if self.config.restart_after_mask and self.steps > 0:  # at step 0 nothing was trained
             self.restart(optimizer)
         self.phase = "joint"
+        if self.config.method == "spalora":
+            self.controller = BudgetController(
+                self.model, self.total_steps, self.steps, input_rms, self.progress
+            )
+            self.phase = "compress"
 
     def restart(self, optimizer=None) -> None:
         """Reset adapters to their initial values (masks kept) and clear optimizer state."""
@@ -102,7 +122,17 @@ class MaskSchedule:
             self._begin_masking(optimizer)
         elif self.phase == "collect" and self.collector.batches >= self.config.mask_batches:
             self._finish_masking(optimizer)
+        elif self.phase == "compress" and self.controller.step(self.steps, optimizer):
+            self.phase = "joint"
+            self.truncate_step = self.steps
+            self.resized = True
         return self.phase
+
+    def lr_scale(self) -> float:
+        """Factor on the learning rate for the next step: a linear re-warm after truncation."""
+        if self.truncate_step is None or not self.config.rewarm_steps:
+            return 1.0
+        return min(1.0, (self.steps - self.truncate_step + 1) / self.config.rewarm_steps)
 
     def _detach_collector(self) -> None:
         if self.collector is not None:
@@ -129,6 +159,10 @@ class MaskSchedule:
         self.phase = state["phase"]
         self.mask_step = state["mask_step"]
         self.restarted = state["restarted"]
+        self.truncate_step = state.get("truncate_step")
+        if state.get("controller") is not None:
+            self.controller = BudgetController(self.model, self.total_steps, self.steps)
+            self.controller.load_state_dict(state["controller"])
 
     def state_dict(self) -> dict:
         return {
@@ -136,6 +170,8 @@ class MaskSchedule:
             "phase": self.phase,
             "mask_step": self.mask_step,
             "restarted": self.restarted,
+            "truncate_step": self.truncate_step,
+            "controller": None if self.controller is None else self.controller.state_dict(),
         }
 
 
@@ -149,6 +185,10 @@ class SpaloraCallback(TrainerCallback):
 
     def __init__(self, model: SpaloraModel, progress: bool = True) -> None:
         self.schedule = MaskSchedule(model, progress=progress)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.schedule.total_steps = state.max_steps  # for method="spalora"'s truncation step
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         self.schedule.step(kwargs.get("optimizer"))

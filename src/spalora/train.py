@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import list_checkpoints, load_checkpoint, read_state, save_checkpoint
+from .config import SpaloraConfig
 from .data import batches, encode_examples
 from .model import SpaloraModel
 from .schedule import MaskSchedule
@@ -50,10 +51,14 @@ class NoSchedule:
 
     phase = "joint"
     restarted = False
+    resized = False
     mask_step = None
 
     def step(self, optimizer) -> str:
         return self.phase
+
+    def lr_scale(self) -> float:
+        return 1.0
 
     def close(self) -> None:
         pass
@@ -158,8 +163,16 @@ def train(
     if (cfg.checkpoint_every or cfg.resume) and not is_spalora:
         raise ValueError("checkpoints and resume are for spalora models only")
     if is_spalora:
+        if latest is not None:  # a run of our method may have been truncated: match its sizes
+            saved = SpaloraConfig.load(latest / "adapter")
+            current = model.spalora_config
+            if (saved.rank_pattern, saved.nnz_pattern) != (
+                current.rank_pattern,
+                current.nnz_pattern,
+            ):
+                model.resize_layers(saved)
         groups = model.parameter_groups(cfg.lora_lr, cfg.sparse_lr)
-        schedule = MaskSchedule(model, progress=cfg.progress)
+        schedule = MaskSchedule(model, progress=cfg.progress, total_steps=cfg.steps)
     else:  # a PEFT model or full fine-tuning: every trainable parameter at lora_lr
         trainable = [p for p in model.parameters() if p.requires_grad]
         groups = [{"params": trainable, "lr": cfg.lora_lr, "name": "all"}]
@@ -209,7 +222,7 @@ def train(
     start = time.perf_counter()
     try:
         while lr_step < total:
-            factor = lr_factor(lr_step, cfg.lr_warmup_steps, total)
+            factor = lr_factor(lr_step, cfg.lr_warmup_steps, total) * schedule.lr_scale()
             for g in optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * factor
             total_loss = 0.0
@@ -230,6 +243,9 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             phase_before = schedule.phase
             schedule.step(optimizer)
+            if schedule.resized:  # our method truncated its layers: new parameter tensors
+                schedule.resized = False
+                params = [p for g in optimizer.param_groups for p in g["params"]]
             record({"step": step, "loss": total_loss, "phase": phase_before, "lr": factor})
             step += 1
             lr_step += 1

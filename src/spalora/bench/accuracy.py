@@ -110,9 +110,14 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def grid(method: str, profile: Profile, r_eq: int) -> list[tuple[dict, float]]:
+def grid(
+    method: str, profile: Profile, r_eq: int, lr: float | None = None
+) -> list[tuple[dict, float]]:
+    """(variant, lr) settings tried at seed 0; `lr` fixes the rate (ablations, see lr_from)."""
     m = METHODS[method]
     lrs = m.lr_grid if profile.lr_index is None else (m.lr_grid[profile.lr_index],)
+    if lr is not None:
+        lrs = (lr,)
     variants = m.variants(r_eq)
     if profile.first_variant_only:  # quick: the middle setting
         variants = variants[len(variants) // 2 : len(variants) // 2 + 1]
@@ -159,8 +164,14 @@ def run_one(
     budget = budget_params(model, spec.r_eq)
     model = build_method(spec.method, model, spec.r_eq, variant)
     n_trainable = trainable_params(model)
-    if spec.method != "fft" and n_trainable > budget:
+    # Our method trains over-provisioned and truncates to the budget: its count is checked
+    # after training, and the training-time count is reported next to it.
+    over_budget_until_truncation = getattr(model, "spalora_config", None) is not None and (
+        model.spalora_config.method == "spalora"
+    )
+    if spec.method != "fft" and n_trainable > budget and not over_budget_until_truncation:
         raise RuntimeError(f"{spec.label()}: {n_trainable:,} trainable > budget {budget:,}")
+    peak_trainable = n_trainable
     cfg = replace(spec.train_config(), progress=progress)
     started = time.perf_counter()
     try:
@@ -176,6 +187,9 @@ def run_one(
             "versions": package_versions(),
         }
     train_seconds = time.perf_counter() - started
+    n_trainable = trainable_params(model)
+    if spec.method != "fft" and n_trainable > budget:
+        raise RuntimeError(f"{spec.label()}: {n_trainable:,} trainable > budget {budget:,}")
     val = task.validation[: p.val_limit] if p.val_limit else task.validation
     test = task.test[: p.test_limit] if p.test_limit else task.test
     v = evaluate_task(model, tokenizer, task, val, progress=progress, desc="validation")
@@ -193,6 +207,7 @@ def run_one(
         "n_validation": v["n"],
         "n_test": t["n"],
         "trainable_params": n_trainable,
+        "peak_trainable_params": peak_trainable,
         "budget_params": budget,
         "adapter_bytes": adapter_bytes(model, spec.method),
         "train_seconds": train_seconds,
@@ -263,34 +278,56 @@ def run_benchmark(
 
     records, grid_rows = [], []
     mdl = model
+    chosen_lr: dict[tuple[str, int, str], float] = {}
+
+    def seed0_specs(task: str, r_eq: int, method: str) -> list[RunSpec] | None:
+        fixed_lr = None
+        ref = METHODS[method].lr_from
+        if ref is not None:  # an ablation: the rate chosen for its reference method
+            if (task, r_eq, ref) not in chosen_lr:
+                select(task, r_eq, ref, record=False)
+            fixed_lr = chosen_lr.get((task, r_eq, ref))
+            if fixed_lr is None:
+                return None
+        run_r = 0 if method == "fft" else r_eq  # no budget: one set of runs for all
+        settings = grid(method, profile, r_eq, fixed_lr)
+        seed0 = profile.seeds[0]
+        return [
+            RunSpec(method, tuple(sorted(v.items())), lr, seed0, task, run_r, profile, mdl)
+            for v, lr in settings
+        ]
+
+    def select(task: str, r_eq: int, method: str, record: bool = True) -> None:
+        specs = seed0_specs(task, r_eq, method)
+        if specs is None:
+            return
+        # a reference looked up for an ablation is only read, never trained, from here
+        results = [ensure(s) if record else (cache.get(s) or {}).get("result") for s in specs]
+        if any(r is None for r in results):  # report-only: an unfinished grid
+            return
+        best = max(range(len(specs)), key=lambda i: (results[i]["validation"], -i))
+        chosen_lr[(task, r_eq, method)] = specs[best].lr
+        if not record:
+            return
+        for spec, r in zip(specs, results, strict=True):
+            grid_rows.append(
+                {
+                    "spec": asdict(spec),
+                    "budget": r_eq,
+                    "validation": r["validation"],
+                    "diverged": "diverged" in r,
+                }
+            )
+        for seed in profile.seeds:
+            spec = replace(specs[best], seed=seed)
+            result = ensure(spec)
+            if result is not None:
+                records.append({"spec": asdict(spec), "budget": r_eq, "result": result})
+
     for task in tasks:
         for r_eq in budgets:
             for method in methods:
-                seed0 = profile.seeds[0]
-                run_r = 0 if method == "fft" else r_eq  # no budget: one set of runs for all
-                specs = [
-                    RunSpec(method, tuple(sorted(v.items())), lr, seed0, task, run_r, profile, mdl)
-                    for v, lr in grid(method, profile, r_eq)
-                ]
-                results = [ensure(s) for s in specs]
-                if any(r is None for r in results):  # report-only: an unfinished grid
-                    continue
-                for spec, r in zip(specs, results, strict=True):
-                    grid_rows.append(
-                        {
-                            "spec": asdict(spec),
-                            "budget": r_eq,
-                            "validation": r["validation"],
-                            "diverged": "diverged" in r,
-                        }
-                    )
-                # The best validation score; ties go to the earlier (smaller) setting.
-                best = max(range(len(specs)), key=lambda i: (results[i]["validation"], -i))
-                for seed in profile.seeds:
-                    spec = replace(specs[best], seed=seed)
-                    result = ensure(spec)
-                    if result is not None:
-                        records.append({"spec": asdict(spec), "budget": r_eq, "result": result})
+                select(task, r_eq, method)
     return records, grid_rows
 
 

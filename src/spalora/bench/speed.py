@@ -30,7 +30,7 @@ import torch
 
 from .methods import build_method
 
-ROWS = ("floor", "peft-lora", "lora", "sparse", "rosa", "peft-supra")
+ROWS = ("floor", "peft-lora", "lora", "sparse", "rosa", "peft-supra", "spalora", "spalora-final")
 CSV_COLUMNS = ("row", "step_s_median", "ratio_to_floor", "ratio_to_peft_lora", "peak_rss_mb")
 R_EQ = 8
 MASK_BATCHES = 8
@@ -42,35 +42,55 @@ def fixed_batch(vocab: int, batch: int = 8, tokens: int = 128, seed: int = 0) ->
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def build_row(row: str, load_model) -> tuple[torch.nn.Module, torch.optim.Optimizer | None]:
-    """The model of `row`, ready for its training step (masks already chosen)."""
+def build_row(row: str, load_model) -> tuple[torch.nn.Module, torch.optim.Optimizer | None, ...]:
+    """The model of `row`, ready for its training step (masks already chosen), its optimizer,
+    and the schedule its steps must drive (our method's penalties), or None.
+
+    `spalora` is our method's compress phase (1.5x the budget's rank and nonzeros, IRLS penalty
+    steps after each optimizer step and a refresh every 10): its most expensive phase.
+    `spalora-final` is after truncation, at exactly the budget with per-layer ranks (those of a
+    truncation after 2 steps here: the total is the budget's, the split is not a trained one).
+    """
     model, _ = load_model()
     model.train()
     if row == "floor":
         for p in model.parameters():
             p.requires_grad_(False)
         model.enable_input_require_grads()  # backward through every layer's activations
-        return model, None
+        return model, None, None
     variant = {"rank_fraction": 0.5, "warmup_steps": 0, "mask_batches": 1, "seed": 0}
-    wrapped = build_method(row, model, R_EQ, variant)
-    if row in ("sparse", "rosa"):  # the measured step is the joint phase: choose masks first
+    wrapped = build_method(row.removesuffix("-final"), model, R_EQ, variant)
+    schedule = None
+    if row in ("sparse", "rosa", "spalora", "spalora-final"):
         from ..schedule import MaskSchedule
 
-        schedule = MaskSchedule(wrapped, progress=False)
-        step(wrapped, fixed_batch(model.config.vocab_size, seed=1), None)
-        schedule.step(None)
-        assert schedule.phase == "joint"
-        wrapped.zero_grad(set_to_none=True)
+        # the measured step comes after the mask: choose it first (and for spalora-final,
+        # truncate at step 2 of a 4-step schedule); compress goes on for 10^6 steps
+        total = 4 if row == "spalora-final" else 10**6
+        schedule = MaskSchedule(wrapped, progress=False, total_steps=total)
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    return wrapped, torch.optim.AdamW(params, lr=1e-4)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    if schedule is not None:
+        vocab = model.config.vocab_size
+        step(wrapped, fixed_batch(vocab, seed=1), None, schedule)
+        if row == "spalora-final":
+            step(wrapped, fixed_batch(vocab, seed=2), optimizer, schedule)
+        wrapped.zero_grad(set_to_none=True)
+        expected = "compress" if row == "spalora" else "joint"
+        assert schedule.phase == expected, (row, schedule.phase)
+        if schedule.phase == "joint":
+            schedule = None
+    return wrapped, optimizer, schedule
 
 
-def step(model, batch: dict, optimizer) -> None:
+def step(model, batch: dict, optimizer, schedule=None) -> None:
     loss = model(**batch).loss
     loss.backward()
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if schedule is not None:
+        schedule.step(optimizer)
 
 
 def time_rows(rows, load_model, repeats: int, warmup: int = 2, progress: bool = True) -> dict:
@@ -84,9 +104,9 @@ def time_rows(rows, load_model, repeats: int, warmup: int = 2, progress: bool = 
     batch = fixed_batch(vocab)
     times: dict[str, list[float]] = {row: [] for row in rows}
     for i in tqdm(range(warmup + repeats), desc="timing", disable=not progress):
-        for row, (model, opt) in built.items():
+        for row, (model, opt, schedule) in built.items():
             start = time.perf_counter()
-            step(model, batch, opt)
+            step(model, batch, opt, schedule)
             if i >= warmup:
                 times[row].append(time.perf_counter() - start)
     return times
@@ -152,11 +172,11 @@ def _memory_main(row: str, model_name: str) -> None:
     if row == "mask":
         result = mask_generation(load_model)
     else:
-        model, opt = build_row(row, load_model)
+        model, opt, schedule = build_row(row, load_model)
         reset_peak()  # the row's steps, not the mask statistics gathered while building it
         batch = fixed_batch(model.config.vocab_size)
         for _ in range(3):
-            step(model, batch, opt)
+            step(model, batch, opt, schedule)
         result = {}
     print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
 
@@ -205,7 +225,9 @@ def run_speed(
         "",
         f"SmolLM2-135M-Instruct, one training step (forward + backward + AdamW) on a batch of "
         f"8 x 128 tokens, budget r_eq = {R_EQ} (sparse and RoSA: masks already chosen; RoSA "
-        f"and Supra: half the budget on rank). Rows interleaved in one process, median of "
+        f"and Supra: half the budget on rank; spalora: our method's compress phase, 1.5x the "
+        f"rank and nonzeros with IRLS penalty steps, and spalora-final: after truncation to the "
+        f"budget). Rows interleaved in one process, median of "
         f"{repeats} steps after 2 warm-up rounds; peak resident memory from a fresh process per "
         "row (3 steps, the peak reset after the model is built and its masks chosen).",
         "",
