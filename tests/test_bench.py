@@ -71,6 +71,8 @@ def test_quick_benchmark_runs_caches_and_reports(tmp_path, monkeypatch):
         assert r["finite"] and 0.0 <= r["test"] <= 1.0 and r["n_test"] == 8
         if rec["spec"]["method"] != "fft":
             assert r["trainable_params"] <= r["budget_params"]
+        if rec["spec"]["method"].startswith("spalora"):  # over-provisioned, then truncated
+            assert r["peak_trainable_params"] > r["budget_params"] >= r["trainable_params"]
 
     def must_not_train(*args, **kw):
         raise AssertionError("a cached run was trained again")

@@ -198,8 +198,15 @@ class BudgetController:
         """Cut every layer to its target; the model's patterns then describe the final adapter."""
         self.refresh()
         swaps = {}
+        kept = dropped = 0.0  # squared norms of the low-rank and sparse parts, kept and cut
         for name, layer in self.layers.items():
             r_l, k_l = self.targets[name]
+            if layer.r > 0:
+                sq = factored_svd(layer.lora_B, layer.lora_A, layer.scale).sigma ** 2
+                kept, dropped = kept + float(sq[:r_l].sum()), dropped + float(sq[r_l:].sum())
+            if layer.nnz > 0 and layer.mask_ready:
+                sq = torch.sort(layer.sparse_values.detach().double() ** 2, descending=True).values
+                kept, dropped = kept + float(sq[:k_l].sum()), dropped + float(sq[k_l:].sum())
             score = self._entry_score(name, layer) if layer.nnz > 0 and layer.mask_ready else None
             swaps.update(truncate_layer(layer, r_l, k_l, score))
         if optimizer is not None:
@@ -207,13 +214,18 @@ class BudgetController:
         self.model.sync_allocations()
         self.truncated = True
         self._weights.clear()
+        # how much the cut removed (a sparse entry kept by its scaled value may not be among
+        # the largest |s|, so for the sparse part this is a close bound, not exact)
+        self.log.append({"truncated_fraction": dropped / max(kept + dropped, 1e-30)})
         if self.progress:
             ranks = [lay.r for lay in self.layers.values()]
             nnz = sum(lay.nnz for lay in self.layers.values())
             used = sum(lay.num_adapter_parameters() for lay in self.layers.values())
             tqdm.write(
                 f"[spalora] truncated to the budget: {used:,} of {self.budget:,} parameters, "
-                f"ranks {min(ranks)}-{max(ranks)} (total {sum(ranks)}), {nnz:,} nonzeros",
+                f"ranks {min(ranks)}-{max(ranks)} (total {sum(ranks)}), {nnz:,} nonzeros; "
+                f"the cut removed {self.log[-1]['truncated_fraction']:.1%} of the adapters' "
+                "squared norm",
                 file=sys.stderr,
             )
 

@@ -22,7 +22,12 @@ MODULE_ORDER = (
     "c_proj",
     "c_fc",
 )
-PHASE_COLORS = {"warmup": "#dbe9f6", "collect": "#fde2c4", "joint": "#ffffff"}
+PHASE_COLORS = {
+    "warmup": "#dbe9f6",
+    "collect": "#fde2c4",
+    "compress": "#e4f2dc",
+    "joint": "#ffffff",
+}
 
 
 def read_history(run_dir: Path) -> list[dict]:
