@@ -1,5 +1,12 @@
 """spalora: jointly trained sparse + low-rank adapters (LoRA, SpA, RoSA) for transformers."""
 
+# ruff: noqa: E402  (the logger is quietened before the imports below bring in peft)
+import logging
+
+# bitsandbytes (the `quant` extra), which peft imports when installed, warns on the CPU that an
+# optional kernel it would download is missing: spalora never uses that kernel (spalora.quant).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 from .budget import LayerAllocation, LayerShape, parse_budget, solve_budget
 from .config import SpaloraConfig
 from .functional import sparse_lora_linear

@@ -56,8 +56,27 @@ def _optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict, meta: 
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(run_dir: str | Path, model, optimizer, state: dict, keep_last: int = 2) -> Path:
-    """Write checkpoint-<step> atomically and prune older ones."""
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states: the CPU generator and, on a GPU, the current device's."""
+    states = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    model,
+    optimizer,
+    state: dict,
+    keep_last: int = 2,
+    rank_rng: list[dict[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Write checkpoint-<step> atomically and prune older ones.
+
+    Several processes: rank 0 alone writes, with every rank's RNG states in `rank_rng` (from
+    `rng_state()` on each rank), so each rank's dropout continues its own stream on resume.
+    """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     root = Path(run_dir)
@@ -72,6 +91,9 @@ def save_checkpoint(run_dir: str | Path, model, optimizer, state: dict, keep_las
     if torch.cuda.is_available():  # dropout on a GPU draws from the CUDA generators
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = s
+    for r, states in enumerate(rank_rng or []):
+        for kind, value in states.items():
+            tensors[f"rng.rank{r}.{kind}"] = value.cpu()
     save_file(tensors, str(tmp / OPTIM_NAME))
     py_state = random.getstate()
     full = {**state, "optimizer": meta, "python_rng": [py_state[0], list(py_state[1]), py_state[2]]}
@@ -98,17 +120,27 @@ def read_state(path: str | Path) -> dict:
     return json.loads((Path(path) / STATE_NAME).read_text())
 
 
-def load_checkpoint(path: str | Path, model, optimizer) -> dict:
-    """Restore adapter values/masks, optimizer and RNG states; returns the saved run state."""
+def load_checkpoint(path: str | Path, model, optimizer, rank: int = 0) -> dict:
+    """Restore adapter values/masks, optimizer and RNG states; returns the saved run state.
+
+    Every rank of a distributed run loads the same files; `rank` picks its own RNG states.
+    """
     path = Path(path)
     state = read_state(path)
     adapter = load_file(str(path / "adapter" / "adapter_model.safetensors"))
     model.load_adapter_state(adapter)
     tensors = load_file(str(path / OPTIM_NAME))
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    cuda_states = [tensors.pop(k) for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
+    rng = {k: tensors.pop(k) for k in [t for t in tensors if t.startswith("rng.")]}
+    own = f"rng.rank{rank}."
+    if own + "torch" in rng:  # written by a distributed run
+        torch.set_rng_state(rng[own + "torch"])
+        if own + "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng[own + "cuda"])
+    else:
+        torch.set_rng_state(rng["rng.torch"])
+        cuda_states = [rng[k] for k in sorted(rng) if k.startswith("rng.cuda.")]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
     _optimizer_from_flat(optimizer, tensors, state.pop("optimizer"))
     version, inner, gauss = state.pop("python_rng")
     random.setstate((version, tuple(inner), gauss))

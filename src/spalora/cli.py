@@ -24,6 +24,7 @@ DEFAULTS = {
     "eval_limit": None,
     "val_limit": None,
     "eval_batch_size": 32,
+    "quantize": None,  # int8 / nf4 / fp4: the frozen base stored weight-only quantized
     # The `file` task (your own data): path, eval_path, metric, prompt_field, completion_field,
     # strict; see `spalora train --help`.
     "data": {},
@@ -53,6 +54,7 @@ FLAGS = {
     "task": (None, "task"),
     "output_dir": (None, "output_dir"),
     "eval_limit": (None, "eval_limit"),
+    "quantize": (None, "quantize"),
     "val_limit": (None, "val_limit"),
     "data": ("data", "path"),
     "eval_data": ("data", "eval_path"),
@@ -86,6 +88,7 @@ FLAGS = {
     "overlong": ("train", "overlong"),
     "eval_every": ("train", "eval_every"),
     "bf16": ("train", "bf16"),
+    "distributed": ("train", "distributed"),
 }
 
 TASK_HELP = (
@@ -132,7 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--budget", help="'r8' (as LoRA r=8), '0.5%%' of the model, or a count")
     t.add_argument("--rank-fraction", type=float, help="share of the budget spent on rank")
-    t.add_argument("--r", type=int, help="LoRA rank (when no budget is given)")
+    t.add_argument(
+        "--r",
+        "--lora-r",
+        type=int,
+        help="LoRA rank (when no budget is given); write --lora-r under torchrun, which reads "
+        "--r as an abbreviation of its own --rdzv-* options",
+    )
     t.add_argument("--density", type=float, help="sparse density (when no budget is given)")
     t.add_argument("--target-modules", help="'all-linear', names joined by commas, or a regex")
     t.add_argument(
@@ -175,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="examples over --max-length: cut the prompt from its start (default) or drop them",
     )
     t.add_argument("--bf16", action="store_const", const=True, help="bfloat16 autocast")
+    t.add_argument(
+        "--quantize",
+        choices=["int8", "nf4", "fp4"],
+        help="store the frozen base's linear layers weight-only quantized (adapters stay fp32; "
+        "nf4/fp4 need pip install 'spalora[quant]'); see docs/quantization.md",
+    )
+    t.add_argument(
+        "--distributed",
+        choices=["auto", "ddp", "fsdp"],
+        help="under torchrun / accelerate launch: DDP, or FSDP2 sharding the frozen base "
+        "(auto: FSDP when accelerate's FSDP is on, else DDP); --batch-size is then per process",
+    )
     t.add_argument(
         "--eval-every",
         type=int,
@@ -286,6 +307,22 @@ def resolve_recipe(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """`spalora train`; under torchrun / accelerate launch every rank runs it (see train())."""
+    import torch.distributed as dist
+
+    from .distributed import close_distributed
+
+    opened_before = dist.is_available() and dist.is_initialized()  # then not ours to close
+    try:
+        return _train_command(args)
+    finally:
+        if not opened_before:  # a process group this command opened (several ranks)
+            close_distributed()
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    from .distributed import init_distributed, is_main
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     recipe = resolve_recipe(args)
     try:
@@ -308,22 +345,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
 
+    from .distributed import local_device
     from .evaluate import completion_loss_of, evaluate_task, format_value
     from .hub import load_model_and_tokenizer
     from .model import get_spalora_model
     from .train import train
 
+    init_distributed()  # several ranks: every one runs this command; rank 0 prints and writes
+    main = is_main()
+    say = print if main else _silent
     out = Path(recipe["output_dir"])
     started = time.perf_counter()
     task = _load_task(recipe["task"], train_cfg.seed, recipe["data"])
-    print(f"[spalora] loading {recipe['model']}", file=sys.stderr, flush=True)
+    say(f"[spalora] loading {recipe['model']}", file=sys.stderr, flush=True)
     model, tokenizer = load_model_and_tokenizer(recipe["model"])
+    model.to(local_device())  # this rank's GPU under nccl; the CPU otherwise (as before)
+    if recipe["quantize"]:  # before the zero-shot evaluation, which then measures this base
+        from .quant import base_memory, quantize_base
+
+        try:
+            quantize_base(model, recipe["quantize"])
+        except (ImportError, ValueError) as exc:
+            raise SystemExit(f"error: {exc}") from exc
+        say(f"[spalora] base quantized to {recipe['quantize']}: {base_memory(model)}")
     test = task.test[: recipe["eval_limit"]] if recipe["eval_limit"] else task.test
     validation = task.validation[: recipe["val_limit"]] if recipe["val_limit"] else task.validation
-    print(f"[spalora] task {task.summary()}; testing on {len(test)}", file=sys.stderr)
+    say(f"[spalora] task {task.summary()}; testing on {len(test)}", file=sys.stderr)
     for note in task.notes:
-        print(f"[spalora] data: {note}", file=sys.stderr)
-    progress = not args.no_progress
+        say(f"[spalora] data: {note}", file=sys.stderr)
+    progress = not args.no_progress and main
     metric = task.metric
     metrics: dict = {"recipe": recipe, "metric": metric, "data_notes": task.notes}
     out.mkdir(parents=True, exist_ok=True)
@@ -337,8 +387,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         metrics["zero_shot"] = zs["value"]
         zs_row = {"metric": metric, "value": zs["value"], "n": zs["n"]}
-        zero_shot_file.write_text(json.dumps(zs_row))
-        print(
+        if main:
+            zero_shot_file.write_text(json.dumps(zs_row))
+        say(
             f"[spalora] zero-shot {metric}: {format_value(metric, zs['value'])} "
             f"on {zs['n']} held-out examples"
         )
@@ -347,8 +398,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = get_spalora_model(model, adapter_cfg)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
-    print(model.allocation_table() if len(model.allocations) <= 16 else _short_table(model))
-    model.print_trainable_parameters()
+    if main:
+        print(model.allocation_table() if len(model.allocations) <= 16 else _short_table(model))
+        model.print_trainable_parameters()
 
     def on_validation(m) -> dict[str, float]:
         """The task metric (unless loss-only) and the completion loss on the validation split."""
@@ -381,7 +433,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         line = f"[spalora] test {metric} after training: {format_value(metric, ev['value'])}"
         if "zero_shot" in metrics:
             line += f" (zero-shot {format_value(metric, metrics['zero_shot'])})"
-        print(line)
+        say(line)
+    if not main:  # the same adapter is on every rank; rank 0 writes it
+        return 0
     adapter_dir = out / "adapter"
     model.save_pretrained(adapter_dir)
     size = (adapter_dir / "adapter_model.safetensors").stat().st_size
@@ -399,6 +453,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"total wall time {metrics['wall_seconds']:.0f} s"
     )
     return 0
+
+
+def _silent(*_args, **_kwargs) -> None:
+    """print() on ranks other than 0."""
 
 
 def _load_task(name: str, seed: int, data: dict):

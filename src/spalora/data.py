@@ -101,22 +101,32 @@ def collate(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Te
 
 
 def batches(
-    encoded: list[dict[str, list[int]]], batch_size: int, pad_id: int, seed: int, skip: int = 0
+    encoded: list[dict[str, list[int]]],
+    batch_size: int,
+    pad_id: int,
+    seed: int,
+    skip: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Endless shuffled batches, reshuffled each epoch with a seeded generator.
 
     `skip` drops the first batches without building them (to resume a run at its data position).
+    With several processes every rank walks the same stream and keeps the batches whose index
+    (counted from the stream's start, skipped ones included) is `rank` modulo `world_size`, so
+    the ranks together see exactly the batches one process would.
     """
     if len(encoded) < batch_size:
         raise ValueError(
             f"{len(encoded)} training examples are fewer than one batch ({batch_size})"
         )
     rng = random.Random(seed)
+    index = 0
     while True:
         order = list(range(len(encoded)))
         rng.shuffle(order)
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            if skip > 0:
-                skip -= 1
+            index += 1
+            if index <= skip or (index - 1) % world_size != rank:
                 continue
             yield collate([encoded[j] for j in order[i : i + batch_size]], pad_id)

@@ -12,6 +12,10 @@ by `weight`: SpaloraLinear keeps W0 + S written into its base weight at the mask
 forward) so that training pays no weight-sized copy at all. Measured on the 2-core CPU
 (benchmarks/layer_speed.py): torch.sparse CSR matmuls are slower than a dense matmul with W + S,
 and `torch.sparse.sampled_addmm` is the fastest way to the values' gradient.
+
+A quantized base passes `weight` as a callable that returns a fresh dense W (dequantized): it is
+called in forward and again in backward, S is added to that temporary in place, and no dense W
+is saved between them (only the quantized store, held by the callable's module).
 """
 
 from __future__ import annotations
@@ -45,6 +49,14 @@ def sampled_weight_grad(
     return out.values()
 
 
+def _dense_weight(weight_fn, rows, cols, values) -> torch.Tensor:
+    """W from a dequantizing callable, plus S in place when given (the tensor is our own)."""
+    w = weight_fn()
+    if values is not None:
+        w.index_put_((rows, cols), values.to(w.dtype), accumulate=True)
+    return w
+
+
 def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.reshape(-1, t.shape[-1])
 
@@ -60,7 +72,8 @@ class SparseLoraLinearFunction(torch.autograd.Function):
     """Forward and backward of a frozen linear layer plus a LoRA and a fixed-mask sparse delta.
 
     Arguments (tensors may be None when that part is off):
-      x (..., in); weight (out, in), frozen; bias (out,), frozen;
+      x (..., in); weight (out, in), frozen, or a callable returning a fresh dense one (a
+      quantized base: called in forward and in backward, never saved); bias (out,), frozen;
       lora_A (r, in), lora_B (out, r), scale: float;
       values (nnz,), crow (out+1,), col (nnz,), rows (nnz,): the sparse delta in CSR order;
       drop_mask: a bool tensor shaped like x, True where LoRA's input is kept, or None;
@@ -87,7 +100,12 @@ class SparseLoraLinearFunction(torch.autograd.Function):
     ):
         use_sparse = values is not None
         add = use_sparse and not sparse_in_weight
-        w_eff = add_sparse(weight, rows, col, values) if add else weight
+        ctx.weight_fn = None
+        if callable(weight):  # a quantized base: dequantized here and again in backward
+            ctx.weight_fn, weight = weight, None
+            w_eff = _dense_weight(ctx.weight_fn, rows, col, values if add else None)
+        else:
+            w_eff = add_sparse(weight, rows, col, values) if add else weight
         out = torch.nn.functional.linear(x, w_eff, bias)
         lora_h = None
         if lora_A is not None:
@@ -101,7 +119,7 @@ class SparseLoraLinearFunction(torch.autograd.Function):
         ctx.keep_prob = keep_prob
         ctx.use_sparse = use_sparse
         ctx.add_sparse = add
-        ctx.shape = tuple(weight.shape)
+        ctx.shape = tuple(w_eff.shape)
         ctx.save_for_backward(x, weight, lora_A, lora_B, values, crow, col, rows, drop_mask, lora_h)
         return out
 
@@ -116,8 +134,12 @@ class SparseLoraLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
 
         if needs[0]:
-            w_eff = add_sparse(weight, rows, col, values) if ctx.add_sparse else weight
+            if ctx.weight_fn is not None:  # a quantized base: dequantized again
+                w_eff = _dense_weight(ctx.weight_fn, rows, col, values if ctx.add_sparse else None)
+            else:
+                w_eff = add_sparse(weight, rows, col, values) if ctx.add_sparse else weight
             grad_x = g2 @ w_eff.to(cd)
+            del w_eff  # a temporary dense W is freed before the LoRA part
         if lora_A is not None and (needs[0] or needs[3] or needs[4]):
             # The scale goes on the small (N, r) factors, never on a (N, out) or (N, in) tensor.
             gB = (g2 @ lora_B.to(cd)).mul_(scale)  # (N, r)
@@ -160,8 +182,9 @@ def sparse_lora_linear(
 
     By default `weight` is W and W + S is formed here; pass `sparse_in_weight=True` when `weight`
     already holds W + S (the values, crow, col are then used for the values' gradient only).
+    `weight` may also be a callable returning a fresh dense W (see the module docstring).
     """
-    if weight.requires_grad:
+    if not callable(weight) and weight.requires_grad:
         raise ValueError("sparse_lora_linear trains adapters only: the base weight must be frozen")
     return SparseLoraLinearFunction.apply(
         x,

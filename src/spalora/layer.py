@@ -14,6 +14,14 @@ the original weight calls first: `base_weight()`, merge, a disabled forward, `di
 W0 + S). Reading `base_layer.weight` directly after a forward, though, shows W0 + S at the mask:
 use `base_weight()`. A restore is an in-place change autograd sees, so a graph built by an adapted
 forward cannot be backpropagated after one (autograd raises rather than use the wrong weight).
+
+`sparse_in_weight` (per layer, default True) switches this off: W + S is then formed out of place
+in each forward and backward (a weight-sized copy). Needed where the base weight is not this
+process's own tensor, e.g. sharded by FSDP (spalora.distributed turns it off there).
+
+A quantized base (spalora.quant) is never written: its W is dequantized inside the fused function,
+in forward and again in backward, and S is added to that temporary; `base_weight()` returns the
+dequantized W, and merging first replaces the base by a full-precision copy (`dequantize_base`).
 """
 
 from __future__ import annotations
@@ -32,8 +40,13 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """A spalora.quant.QuantizedLinear: a frozen Linear whose weight is stored quantized."""
+    return getattr(module, "spalora_quantized", False) is True
+
+
 def is_adaptable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_quantized(module)
 
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:
@@ -42,6 +55,8 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
         return module.out_features, module.in_features
     if is_conv1d(module):
         return module.weight.shape[1], module.weight.shape[0]
+    if is_quantized(module):
+        return module.out_features, module.in_features
     raise TypeError(f"cannot adapt {type(module).__name__}: only Linear and Conv1D are supported")
 
 
@@ -70,6 +85,9 @@ def _refresh_hook(module: SpaloraLinear, _keys) -> None:
 
 class SpaloraLinear(nn.Module):
     """A frozen Linear/Conv1D plus a LoRA part of rank `r` and a sparse part of `nnz` entries."""
+
+    sparse_in_weight: bool = True  # keep W0 + S written in the base weight (see module doc)
+    quantized_from: dict | None = None  # a merge's dequantize_base(): the base's former format
 
     def __init__(
         self,
@@ -166,10 +184,28 @@ class SpaloraLinear(nn.Module):
         if self.merged:
             raise RuntimeError(f"cannot {action} while the adapter is merged: unmerge it first")
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the base layer stores its weight quantized (spalora.quant)."""
+        return is_quantized(self.base_layer)
+
+    def dequantize_base(self) -> None:
+        """Replace a quantized base by a full-precision copy of its W, for good (no-op otherwise).
+
+        What merging does first: W + delta cannot be written into a quantized store exactly. The
+        layer's memory grows to full precision; the format is kept in `quantized_from`, so
+        merge_and_unload(requantize=True) can quantize the merged weight the same way.
+        """
+        if self.quantized:
+            self.quantized_from = self.base_layer.spec()
+            self.base_layer = self.base_layer.to_float()
+            self.conv1d = is_conv1d(self.base_layer)
+
     def base_weight(self) -> torch.Tensor:
         """The original frozen weight W0 as (out, in) (a view for Conv1D).
 
-        Puts W0 back into the base layer's storage if a forward had written W0 + S there.
+        Puts W0 back into the base layer's storage if a forward had written W0 + S there. For a
+        quantized base: the dequantized W, a fresh tensor (writing to it changes nothing).
         """
         self.restore_base_weight()
         return self._weight_view()
@@ -299,9 +335,13 @@ class SpaloraLinear(nn.Module):
         if self.r > 0 and self.training and self.lora_dropout > 0:
             # bool: cheaper to draw and to keep than floats; drawn in fp32 (bf16 rand is coarse)
             drop_mask = torch.rand(x.shape, device=x.device) < keep
-        if use_sparse:
+        quantized = self.quantized
+        in_weight = use_sparse and self.sparse_in_weight and not quantized
+        if quantized:  # dequantized in the function, in forward and backward: never kept
+            weight = self.base_layer.dequantize
+        elif in_weight:
             weight = self._sparse_weight()  # W0 + S, written into the base weight
-        else:
+        else:  # W0; with the switch off, W0 + S is formed out of place by the function
             self.restore_base_weight()
             weight = self._weight_view()
         return sparse_lora_linear(
@@ -317,7 +357,7 @@ class SpaloraLinear(nn.Module):
             self.sparse_rows if use_sparse else None,
             drop_mask,
             keep,
-            sparse_in_weight=use_sparse,
+            sparse_in_weight=in_weight,
         )
 
     # ----------------------------------------------------------------- merge
@@ -326,6 +366,8 @@ class SpaloraLinear(nn.Module):
         """W <- W + delta in place; forward then runs the base layer alone."""
         if self.merged:
             return
+        if self.r > 0 or self.mask_ready:  # a delta to add: a quantized base cannot hold it
+            self.dequantize_base()
         w = self.base_weight()  # W0 (S is in delta)
         w.add_(self.delta_weight().to(w.dtype))
         self.merged = True
@@ -335,12 +377,15 @@ class SpaloraLinear(nn.Module):
         """W <- W - delta (the original W up to rounding in W's dtype)."""
         if not self.merged:
             return
-        w = self.base_weight()
-        w.sub_(self.delta_weight().to(w.dtype))
+        if not self.quantized:  # (still quantized: nothing was added)
+            w = self.base_weight()
+            w.sub_(self.delta_weight().to(w.dtype))
         self.merged = False
 
     def extra_repr(self) -> str:
         kind = "Conv1D" if self.conv1d else "Linear"
+        if self.quantized:
+            kind = f"{self.base_layer.quant_type} {kind}"
         return (
             f"{kind}({self.in_features}->{self.out_features}), r={self.r}, "
             f"nnz={self.nnz} (density {self.nnz / (self.in_features * self.out_features):.4%}), "

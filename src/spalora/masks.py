@@ -17,8 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .distributed import is_distributed
 from .irls import factored_svd
 from .layer import SpaloraLinear
 
@@ -28,6 +30,11 @@ ACTIVATION_STRATEGIES = ("wanda",)
 
 def needs_data(strategy: str | Callable) -> bool:
     return isinstance(strategy, str) and strategy in GRADIENT_STRATEGIES + ACTIVATION_STRATEGIES
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a weight sharded by FSDP (a collective: every rank must call it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def topk_flat(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -116,6 +123,33 @@ class MaskCollector:
             self.input_sq[name] = sq.clone()
         self.input_tokens[name] = self.input_tokens.get(name, 0) + tokens
 
+    def all_reduce(self) -> None:
+        """Sum every rank's statistics in place (no-op in one process), before any top-k.
+
+        Each rank saw its own micro-batches; with the sums of squared gradients and of squared
+        inputs added over ranks, every rank ranks the same scores and picks the same mask, and
+        the input RMS (our method's column weights) is that of all the data.
+        """
+        if not is_distributed():
+            return
+        for name in self.layers:  # same layers, same order on every rank
+            if name in self.stats:
+                dist.all_reduce(self.stats[name])
+        names = [n for n in self.layers if n in self.input_sq]
+        if names:
+            flat = torch.cat([self.input_sq[n] for n in names])
+            dist.all_reduce(flat)
+            tokens = torch.tensor(
+                [self.input_tokens[n] for n in names], dtype=torch.float64, device=flat.device
+            )
+            dist.all_reduce(tokens)
+            offset = 0
+            for n, count in zip(names, tokens.tolist(), strict=True):
+                size = self.input_sq[n].numel()
+                self.input_sq[n] = flat[offset : offset + size].clone()
+                self.input_tokens[n] = int(count)
+                offset += size
+
     def input_rms(self) -> dict[str, torch.Tensor]:
         """Root mean square of each layer's input features over the tokens seen."""
         return {n: (sq / max(1, self.input_tokens[n])).sqrt() for n, sq in self.input_sq.items()}
@@ -132,14 +166,14 @@ class MaskCollector:
         if self.strategy == "grad":
             return s.abs()
         if self.strategy == "wanda":
-            return layer.base_weight().detach().float().abs() * s.sqrt().unsqueeze(0)
+            return whole(layer.base_weight()).detach().float().abs() * s.sqrt().unsqueeze(0)
         return s
 
 
 def static_scores(layer: SpaloraLinear, strategy: str, generator: torch.Generator) -> torch.Tensor:
     """Scores that need no data: magnitude of W, or uniform random (SLTrain)."""
     if strategy == "magnitude":
-        return layer.base_weight().detach().float().abs()
+        return whole(layer.base_weight()).detach().float().abs()
     if strategy == "random":
         shape = (layer.out_features, layer.in_features)
         return torch.rand(shape, generator=generator).to(layer.base_layer.weight.device)
@@ -148,7 +182,7 @@ def static_scores(layer: SpaloraLinear, strategy: str, generator: torch.Generato
 
 def mask_from_callable(fn: Callable, name: str, layer: SpaloraLinear) -> torch.Tensor:
     """Call a user strategy; it returns scores (top-k taken here) or a bool mask of exactly k."""
-    out = fn(name, layer.base_weight().detach(), layer.nnz)
+    out = fn(name, whole(layer.base_weight()).detach(), layer.nnz)
     out = torch.as_tensor(out)
     expected = (layer.out_features, layer.in_features)
     if tuple(out.shape) != expected:

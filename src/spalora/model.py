@@ -37,7 +37,7 @@ from .budget import (
     solve_budget,
 )
 from .config import CONFIG_NAME, WEIGHTS_NAME, SpaloraConfig
-from .layer import SpaloraLinear, is_adaptable, layer_shape
+from .layer import SpaloraLinear, is_adaptable, is_quantized, layer_shape
 
 ADAPTER_KEYS = ("lora_A", "lora_B", "sparse_values", "sparse_crow", "sparse_col")
 DEFAULT_ADAPTER = "default"
@@ -148,7 +148,7 @@ def uniform_allocation(
 ) -> list[LayerAllocation]:
     """RoSA's split of the budget: one rank everywhere, the rest as the same density."""
     # base parameters only: a second adapter's "0.5%" must not count the first one's
-    total = sum(p.numel() for n, p in model.named_parameters() if not _is_adapter(n))
+    total = _base_numel(model)
     budget = parse_budget(config.budget, shapes, total)
     return solve_budget(shapes, budget, config.effective_rank_fraction, config.uses_sparse)
 
@@ -410,8 +410,7 @@ class SpaloraModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(adapter parameters, all parameters): the budget counts every sparse value."""
         adapter = sum(lay.num_adapter_parameters() for lay in self.adapter_layers().values())
-        base = sum(p.numel() for n, p in self.base_model.named_parameters() if not _is_adapter(n))
-        return adapter, base + adapter
+        return adapter, _base_numel(self.base_model) + adapter
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -765,6 +764,7 @@ class SpaloraModel(nn.Module):
         layers = self._wrapped_layers()
         with torch.no_grad():
             for name in sorted(layer_names - done):
+                layers[name].dequantize_base()  # a quantized base cannot hold W + delta
                 w = layers[name].base_weight()  # W as merged so far, W0 + S put back first
                 w.add_(stored.delta(name, layers[name]).to(w.dtype))
                 done.add(name)
@@ -793,15 +793,35 @@ class SpaloraModel(nn.Module):
                 w = layers[name].base_weight()
                 w.sub_(stored.delta(name, layers[name]).to(w.dtype))
 
-    def merge_and_unload(self, adapter_names: list[str] | None = None) -> nn.Module:
+    def merge_and_unload(
+        self, adapter_names: list[str] | None = None, requantize: bool = False
+    ) -> nn.Module:
         """Fold the active adapter's delta (or the named adapters') into the base weights and
         return the plain base model. Adapters merged before stay in the weights; the others are
-        dropped. The wrapper is consumed."""
+        dropped. The wrapper is consumed.
+
+        On a quantized base (spalora.quant) the result is in full precision: every quantized
+        layer dequantized, the merged ones holding W_deq + delta. `requantize=True` quantizes
+        the merged layers again in their format instead; the error this adds (against the exact
+        W_deq + delta) is printed and kept in the result's `spalora_requantization`.
+        """
+        layers = self._wrapped_layers()
+        formats = {  # before merging, which dequantizes
+            n: lay.base_layer.spec() if lay.quantized else lay.quantized_from
+            for n, lay in layers.items()
+            if lay.quantized or lay.quantized_from
+        }
+        if requantize and not formats:
+            raise ValueError("requantize=True, but no adapted layer of this model is quantized")
         self.merge_adapter(adapter_names)
         for name, layer in self._wrapped_layers().items():
             layer.restore_base_weight()  # an unmerged layer may hold W0 + S after a forward
             _set_submodule(self.base_model, name, layer.base_layer)
         self._forget_stored()
+        if formats or any(is_quantized(m) for m in self.base_model.modules()):
+            from .quant import finish_merge
+
+            finish_merge(self.base_model, formats, requantize)
         return self.base_model
 
     def unload(self) -> nn.Module:
@@ -857,6 +877,12 @@ class SpaloraModel(nn.Module):
 
 def _is_adapter(param_name: str) -> bool:
     return param_name.rpartition(".")[2] in ADAPTER_KEYS
+
+
+def _base_numel(model: nn.Module) -> int:
+    """Base parameters (adapters excluded), a quantized layer's weight at its logical size."""
+    n = sum(p.numel() for name, p in model.named_parameters() if not _is_adapter(name))
+    return n + sum(m.in_features * m.out_features for m in model.modules() if is_quantized(m))
 
 
 def validate_adapter_state(

@@ -5,7 +5,8 @@ HF `Trainer` with `SpaloraCallback`. Phases:
 
   warmup  -> `warmup_steps` optimizer steps of LoRA alone (skipped for sparse-only);
   collect -> hooks gather statistics over the next `mask_batches` micro-batches (gradient and
-             activation strategies only; training goes on meanwhile);
+             activation strategies only; training goes on meanwhile; with several processes,
+             micro-batches of all ranks, whose statistics are summed before the top-k);
   joint   -> masks are set, values start at zero and train with LoRA.
 
 Our method (method="spalora") puts one phase between collect and joint:
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from .adaptive import BudgetController
+from .distributed import world_size
 from .masks import MaskCollector, apply_masks, needs_data
 from .model import SpaloraModel
 
@@ -75,6 +77,8 @@ class MaskSchedule:
 
     def _finish_masking(self, optimizer) -> None:
         layers = {n: lay for n, lay in self.model.adapter_layers().items() if lay.nnz > 0}
+        if self.collector is not None:  # several processes: every rank ranks the same sums
+            self.collector.all_reduce()
         # no bar here: it would tear the training bar, and top-k over all layers takes ~1 s
         apply_masks(
             layers, self.config.mask_strategy, self.collector, self.config.seed, progress=False
@@ -120,7 +124,11 @@ class MaskSchedule:
         self.steps += 1
         if self.phase == "warmup" and self.steps >= self.config.warmup_steps:
             self._begin_masking(optimizer)
-        elif self.phase == "collect" and self.collector.batches >= self.config.mask_batches:
+        elif (
+            self.phase == "collect"
+            # mask_batches counts micro-batches over all ranks (each rank sees its share)
+            and self.collector.batches * world_size() >= self.config.mask_batches
+        ):
             self._finish_masking(optimizer)
         elif self.phase == "compress" and self.controller.step(self.steps, optimizer):
             self.phase = "joint"
@@ -187,6 +195,12 @@ class SpaloraCallback(TrainerCallback):
         self.schedule = MaskSchedule(model, progress=progress)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.schedule.config.method == "spalora" and world_size() > 1:
+            # Trainer's DDP wrapper would keep the tensors truncation replaces: ranks would drift
+            raise ValueError(
+                "method='spalora' under Trainer with several processes is not supported: "
+                "train with spalora.train.train() or `spalora train` under torchrun instead"
+            )
         self.schedule.total_steps = state.max_steps  # for method="spalora"'s truncation step
         return control
 

@@ -13,11 +13,25 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .checkpoint import list_checkpoints, load_checkpoint, read_state, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, read_state, rng_state, save_checkpoint
 from .config import SpaloraConfig
 from .data import batches, encode_examples
+from .distributed import (
+    DistributedTraining,
+    agree,
+    check_in_sync,
+    dist_backend,
+    gather_objects,
+    init_distributed,
+    local_device,
+    mean_over_ranks,
+    rank,
+    resolve_mode,
+    world_size,
+)
 from .model import SpaloraModel
 from .schedule import MaskSchedule
 
@@ -43,6 +57,11 @@ class TrainConfig:
     bf16: bool = False  # bfloat16 autocast for forward/backward (adapters stay fp32)
     tensorboard_dir: str | None = None  # also log to TensorBoard here (needs `tensorboard`)
     overlong: str = "truncate"  # rule for examples over max_length: "truncate" or "drop"
+    # Under torchrun / accelerate launch (WORLD_SIZE > 1): "ddp", "fsdp" (FSDP2: frozen base
+    # sharded, adapters replicated), or "auto" (fsdp when accelerate's ACCELERATE_USE_FSDP is
+    # set, else ddp). batch_size is then per process: global batch = batch_size * grad_accum *
+    # world size. Ignored in one process.
+    distributed: str = "auto"
 
 
 class NoSchedule:
@@ -86,7 +105,8 @@ def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     labels = batch["labels"]
     shifted = labels[:, 1:]
     keep = (shifted != -100).any(0).nonzero().squeeze(1)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return model(**batch).loss  # a model without logits_to_keep: its own loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -129,15 +149,26 @@ def train(
     restart_after_mask, where the joint phase gets `steps` fresh steps after the restart.
     `evaluate_fn(model)` (e.g. the validation metric) runs every `eval_every` steps; its numbers
     go into the history as {"step": s, "validation": {...}}.
+
+    Launched by torchrun or accelerate with WORLD_SIZE > 1, the same call trains on every rank
+    (spalora.distributed: DDP or FSDP, each rank its share of the micro-batches, mask statistics
+    summed over ranks); every rank runs `evaluate_fn` and returns the same history, and rank 0
+    alone writes checkpoints and logs. On GPUs the model moves to this rank's device.
     """
     if cfg.grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {cfg.grad_accum}")
     if cfg.eval_every and evaluate_fn is None:
         raise ValueError("eval_every is set but no evaluate_fn was given")
-    torch.manual_seed(cfg.seed)
+    resolve_mode(cfg.distributed)  # a bad value fails in one process too
+    init_distributed()
+    world, this_rank = world_size(), rank()
+    main = this_rank == 0  # the one process that writes files and shows progress
+    if world > 1 and local_device().type == "cuda":
+        model.to(local_device())
+    torch.manual_seed(cfg.seed + this_rank)  # ranks draw different dropout masks
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded, length_report = encode_examples(tokenizer, examples, cfg.max_length, cfg.overlong)
-    if length_report:
+    if length_report and main:
         tqdm.write(f"[spalora] training data: {length_report}", file=sys.stderr)
     # Every check on earlier checkpoints comes before anything (hooks, adapter values) changes.
     signature = {
@@ -147,7 +178,14 @@ def train(
         "seed": cfg.seed,
         "n_examples": len(encoded),
     }
+    if world > 1:  # the global batch depends on it (one-process signatures stay as they were)
+        signature["world_size"] = world
     existing = list_checkpoints(cfg.checkpoint_dir) if cfg.checkpoint_dir else []
+    if world > 1 and cfg.checkpoint_dir:  # every rank must resume from the same checkpoint
+        agree(
+            [p.name for p in existing],
+            f"the checkpoints in {cfg.checkpoint_dir} (every node must see that folder)",
+        )
     if existing and not cfg.resume and cfg.checkpoint_every:
         raise ValueError(
             f"{cfg.checkpoint_dir} holds checkpoints of an earlier run: resume it, "
@@ -172,7 +210,7 @@ def train(
             ):
                 model.resize_layers(saved)
         groups = model.parameter_groups(cfg.lora_lr, cfg.sparse_lr)
-        schedule = MaskSchedule(model, progress=cfg.progress, total_steps=cfg.steps)
+        schedule = MaskSchedule(model, progress=cfg.progress and main, total_steps=cfg.steps)
     else:  # a PEFT model or full fine-tuning: every trainable parameter at lora_lr
         trainable = [p for p in model.parameters() if p.requires_grad]
         groups = [{"params": trainable, "lr": cfg.lora_lr, "name": "all"}]
@@ -187,25 +225,36 @@ def train(
     total, lr_step, step, consumed = cfg.steps, 0, 0, 0
     resumed_from = None
     if latest is not None:
-        saved = load_checkpoint(latest, model, optimizer)
+        saved = load_checkpoint(latest, model, optimizer, rank=this_rank)
         step, lr_step, consumed = saved["step"], saved["lr_step"], saved["consumed"]
         resumed_from = step
         history = saved["history"]
         schedule.load_state_dict(saved["schedule"])
+        if main:
+            tqdm.write(
+                f"[spalora] resumed from {latest} (step {step}, phase {schedule.phase})",
+                file=sys.stderr,
+            )
+    # After any load: rank 0's adapters copied to all, then DDP wraps or FSDP shards the base.
+    parallel = DistributedTraining(model, cfg.distributed)
+    if world > 1 and main:
         tqdm.write(
-            f"[spalora] resumed from {latest} (step {step}, phase {schedule.phase})",
+            f"[spalora] {world} processes ({dist_backend()}, {parallel.mode.upper()}): global "
+            f"batch {cfg.batch_size} x {cfg.grad_accum} x {world} = "
+            f"{cfg.batch_size * cfg.grad_accum * world}",
             file=sys.stderr,
         )
-    stream = batches(encoded, cfg.batch_size, pad, cfg.seed, skip=consumed)
+    # `consumed` counts micro-batches of the one stream, over all ranks
+    stream = batches(encoded, cfg.batch_size, pad, cfg.seed, consumed, this_rank, world)
     log = None
-    if cfg.log_path:  # the loss log is written as the run goes (rewritten from a checkpoint)
+    if cfg.log_path and main:  # the loss log is written as the run goes (rewritten on resume)
         log = open(cfg.log_path, "w")  # noqa: SIM115  (closed in the finally below)
         for row in history:
             log.write(json.dumps(row) + "\n")
-    writer = tensorboard_writer(cfg.tensorboard_dir)
+    writer = tensorboard_writer(cfg.tensorboard_dir) if main else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
 
-    def record(row: dict) -> None:
+    def record(row: dict) -> None:  # every rank keeps the history; rank 0 writes it
         history.append(row)
         if log is not None:
             log.write(json.dumps(row) + "\n")
@@ -218,7 +267,7 @@ def train(
                 elif key in ("loss", "lr"):
                     writer.add_scalar(f"train/{key}", value, row["step"])
 
-    bar = tqdm(total=total, initial=lr_step, desc="training", disable=not cfg.progress)
+    bar = tqdm(total=total, initial=lr_step, desc="training", disable=not (cfg.progress and main))
     start = time.perf_counter()
     try:
         while lr_step < total:
@@ -226,26 +275,39 @@ def train(
             for g in optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * factor
             total_loss = 0.0
-            for _ in range(cfg.grad_accum):  # micro-batches of one optimizer step
+            for i in range(cfg.grad_accum):  # micro-batches of one optimizer step
                 batch = {k: v.to(device) for k, v in next(stream).items()}
-                consumed += 1
-                with autocast:
-                    loss = completion_loss(model, batch) / cfg.grad_accum
-                if not math.isfinite(loss.item()):
+                consumed += world
+                with parallel.no_sync(last_micro_batch=i == cfg.grad_accum - 1):
+                    with autocast:
+                        loss = completion_loss(parallel.engine, batch) / cfg.grad_accum
+                    if world == 1 and not math.isfinite(loss.item()):
+                        raise FloatingPointError(
+                            f"loss is {loss.item()} at step {step}: stopping before the update "
+                            "(the last checkpoint, if any, is the last good state)"
+                        )
+                    loss.backward()
+                total_loss += loss.item()
+            if world > 1:
+                parallel.average_gradients(params)
+                total_loss = mean_over_ranks(total_loss)  # the global batch's loss, on all ranks
+                if not math.isfinite(total_loss):  # every rank stops (one alone would hang)
                     raise FloatingPointError(
-                        f"loss is {loss.item()} at step {step}: stopping before the update "
+                        f"loss is {total_loss} at step {step}: stopping before the update "
                         "(the last checkpoint, if any, is the last good state)"
                     )
-                loss.backward()
-                total_loss += loss.item()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             phase_before = schedule.phase
             schedule.step(optimizer)
-            if schedule.resized:  # our method truncated its layers: new parameter tensors
+            resized = schedule.resized
+            if resized:  # our method truncated its layers: new parameter tensors
                 schedule.resized = False
                 params = [p for g in optimizer.param_groups for p in g["params"]]
+            if world > 1 and (resized or schedule.phase != phase_before):
+                parallel.trained_tensors_changed()  # masks set or layers truncated: new DDP
+                check_in_sync(model, f"after step {step} ({phase_before} -> {schedule.phase})")
             record({"step": step, "loss": total_loss, "phase": phase_before, "lr": factor})
             step += 1
             lr_step += 1
@@ -273,7 +335,12 @@ def train(
                     "schedule": schedule.state_dict(),
                     "history": history,
                 }
-                save_checkpoint(cfg.checkpoint_dir, model, optimizer, state, cfg.keep_last)
+                rank_rng = gather_objects(rng_state()) if world > 1 else None  # all ranks
+                if main:
+                    save_checkpoint(
+                        cfg.checkpoint_dir, model, optimizer, state, cfg.keep_last, rank_rng
+                    )
+        check_in_sync(model, "at the end of training")
     finally:
         schedule.close()
         bar.close()
@@ -289,4 +356,6 @@ def train(
         "final_phase": schedule.phase,
         "resumed_from": resumed_from,
         "length_report": length_report,
+        "world_size": world,
+        "distributed": parallel.mode,  # "single", "ddp" or "fsdp"
     }

@@ -10,6 +10,9 @@ is reset after the row is built, so for sparse/RoSA it excludes the mask statist
 their own row).
 Mask generation (the Fisher statistics of RoSA over 8 micro-batches, then the top-k) is timed
 and measured in its own fresh process too.
+`rosa-int8` is RoSA on a base whose adapted projections are stored as int8 (spalora.quant,
+weight-only, dequantized per layer in forward and backward); the `base_weights_mb` column gives
+the adapted projections' frozen weights as stored, in every row.
 """
 
 from __future__ import annotations
@@ -28,10 +31,27 @@ from pathlib import Path
 
 import torch
 
-from .methods import build_method
+from .methods import LINEAR_NAMES, build_method
 
-ROWS = ("floor", "peft-lora", "lora", "sparse", "rosa", "peft-supra", "spalora", "spalora-final")
-CSV_COLUMNS = ("row", "step_s_median", "ratio_to_floor", "ratio_to_peft_lora", "peak_rss_mb")
+ROWS = (
+    "floor",
+    "peft-lora",
+    "lora",
+    "sparse",
+    "rosa",
+    "rosa-int8",
+    "peft-supra",
+    "spalora",
+    "spalora-final",
+)
+CSV_COLUMNS = (
+    "row",
+    "step_s_median",
+    "ratio_to_floor",
+    "ratio_to_peft_lora",
+    "peak_rss_mb",
+    "base_weights_mb",
+)
 R_EQ = 8
 MASK_BATCHES = 8
 
@@ -53,15 +73,20 @@ def build_row(row: str, load_model) -> tuple[torch.nn.Module, torch.optim.Optimi
     """
     model, _ = load_model()
     model.train()
+    if row.endswith("-int8"):  # before wrapping, as QLoRA; the fp32 weights are freed
+        from ..quant import quantize_base
+
+        quantize_base(model, "int8", target_modules=list(LINEAR_NAMES))
     if row == "floor":
         for p in model.parameters():
             p.requires_grad_(False)
         model.enable_input_require_grads()  # backward through every layer's activations
         return model, None, None
     variant = {"rank_fraction": 0.5, "warmup_steps": 0, "mask_batches": 1, "seed": 0}
-    wrapped = build_method(row.removesuffix("-final"), model, R_EQ, variant)
+    method = row.removesuffix("-final").removesuffix("-int8")
+    wrapped = build_method(method, model, R_EQ, variant)
     schedule = None
-    if row in ("sparse", "rosa", "spalora", "spalora-final"):
+    if method in ("sparse", "rosa", "spalora"):
         from ..schedule import MaskSchedule
 
         # the measured step comes after the mask: choose it first (and for spalora-final,
@@ -133,6 +158,25 @@ def mask_generation(load_model) -> dict:
     return {"mask_total_s": done - start, "mask_select_s": done - select}
 
 
+def base_weights_mb(model: torch.nn.Module) -> float:
+    """MiB of the adapted projections' frozen weights (q, k, v, o, gate, up, down) as stored:
+    4 bytes a weight in fp32, 1 + a scale per row in int8 (PEFT's and ours alike)."""
+    from ..quant import QuantizedLinear
+
+    total = 0
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if parts[-1] == "base_layer":  # a wrapper's frozen layer (PEFT or ours): its parent's name
+            parts.pop()
+        if parts[-1] not in LINEAR_NAMES:
+            continue
+        if isinstance(module, QuantizedLinear):
+            total += module.nbytes
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total / 2**20
+
+
 def reset_peak() -> None:
     """Restart the VmHWM high-water mark (Linux: write 5 to /proc/self/clear_refs)."""
     try:
@@ -177,7 +221,7 @@ def _memory_main(row: str, model_name: str) -> None:
         batch = fixed_batch(model.config.vocab_size)
         for _ in range(3):
             step(model, batch, opt, schedule)
-        result = {}
+        result = {"base_weights_mb": base_weights_mb(model)}
     print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
 
 
@@ -194,7 +238,7 @@ def run_speed(
 
     times = time_rows(rows, load_model, repeats, progress=progress)
     median = {row: statistics.median(t) for row, t in times.items()}
-    peaks = {row: memory_of(row, model_name)["peak_rss_mb"] for row in rows} if memory else {}
+    memories = {row: memory_of(row, model_name) for row in rows} if memory else {}
     mask = memory_of("mask", model_name) if memory else mask_generation(load_model)
     table = []
     for row in rows:
@@ -208,7 +252,10 @@ def run_speed(
                 "ratio_to_peft_lora": (
                     f"{median[row] / median['peft-lora']:.3f}" if "peft-lora" in median else ""
                 ),
-                "peak_rss_mb": f"{peaks[row]:.0f}" if row in peaks else "",
+                "peak_rss_mb": f"{memories[row]['peak_rss_mb']:.0f}" if row in memories else "",
+                "base_weights_mb": (
+                    f"{memories[row]['base_weights_mb']:.4g}" if row in memories else ""
+                ),
             }
         )
     out = Path(out_dir)
@@ -227,17 +274,19 @@ def run_speed(
         f"8 x 128 tokens, budget r_eq = {R_EQ} (sparse and RoSA: masks already chosen; RoSA "
         f"and Supra: half the budget on rank; spalora: our method's compress phase, 1.5x the "
         f"rank and nonzeros with IRLS penalty steps, and spalora-final: after truncation to the "
-        f"budget). Rows interleaved in one process, median of "
+        f"budget; rosa-int8: RoSA with the adapted projections of the frozen base stored as "
+        f"int8, weight-only). Rows interleaved in one process, median of "
         f"{repeats} steps after 2 warm-up rounds; peak resident memory from a fresh process per "
-        "row (3 steps, the peak reset after the model is built and its masks chosen).",
+        "row (3 steps, the peak reset after the model is built and its masks chosen). Base "
+        "weights: the adapted projections' frozen weights as stored (MiB).",
         "",
-        "| row | step (s, median) | x floor | x PEFT LoRA | peak RSS (MB) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| row | step (s, median) | x floor | x PEFT LoRA | peak RSS (MB) | base weights (MiB) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in table:
         lines.append(
             f"| {r['row']} | {r['step_s_median']} | {r['ratio_to_floor']} | "
-            f"{r['ratio_to_peft_lora']} | {r['peak_rss_mb']} |"
+            f"{r['ratio_to_peft_lora']} | {r['peak_rss_mb']} | {r['base_weights_mb']} |"
         )
     lines += [
         "",
