@@ -154,10 +154,10 @@ def test_selection_uses_validation_and_reuses_the_chosen_setting(tmp_path, monke
                 "trainable_params": 10,
                 "budget_params": 10,
             }
-        # lr 0 is best on validation, lr 1 is best on test
+        # lr 1 (inside the grid) is best on validation, lr 0 is best on test
         return {
-            "validation": [0.9, 0.5][lr_rank] + spec.seed / 100,
-            "test": [0.6, 0.8][lr_rank],
+            "validation": [0.5, 0.9][lr_rank] + spec.seed / 100,
+            "test": [0.8, 0.6][lr_rank],
             "metric": "accuracy",
             "trainable_params": 10,
             "budget_params": 10,
@@ -166,7 +166,7 @@ def test_selection_uses_validation_and_reuses_the_chosen_setting(tmp_path, monke
 
     monkeypatch.setattr(accuracy, "run_one", fake_run)
     records, grid = accuracy.run_benchmark("full", ["toy"], [8], ["lora"], tmp_path, model="tiny")
-    assert [r["spec"]["lr"] for r in records] == [3e-4] * 3
+    assert [r["spec"]["lr"] for r in records] == [accuracy.METHODS["lora"].lr_grid[1]] * 3
     assert [r["spec"]["seed"] for r in records] == [0, 1, 2]
     assert len(calls) == 3 + 2  # the grid at seed 0, then seeds 1 and 2 of the chosen lr
     assert [g["diverged"] for g in grid] == [False, False, True]
@@ -182,7 +182,7 @@ def test_full_fine_tuning_runs_are_shared_across_budgets(tmp_path, monkeypatch):
     def fake_run(spec, *args, **kwargs):
         calls.append(spec)
         return {
-            "validation": 0.5,
+            "validation": 0.9 if spec.lr == 3e-5 else 0.5,  # inside the grid: no extension
             "test": 0.5,
             "metric": "accuracy",
             "trainable_params": 1,
@@ -197,3 +197,27 @@ def test_full_fine_tuning_runs_are_shared_across_budgets(tmp_path, monkeypatch):
     assert len(calls) == len(FFT_LRS) + 2  # not twice
     assert sorted({r["budget"] for r in records}) == [2, 8]
     assert {row["r_eq"] for row in accuracy.summarize(records)} == {2, 8}
+
+
+def test_a_choice_on_the_grid_edge_extends_the_grid(tmp_path, monkeypatch):
+    """Validation rising with the rate: the grid grows past its top edge, at most twice."""
+    calls = []
+
+    def fake_run(spec, *args, **kwargs):
+        calls.append(spec.lr)
+        return {
+            "validation": spec.lr,
+            "test": 0.5,
+            "metric": "accuracy",
+            "trainable_params": 1,
+            "budget_params": 1,
+            "adapter_bytes": 4,
+        }
+
+    monkeypatch.setattr(accuracy, "run_one", fake_run)
+    records, grid = accuracy.run_benchmark("full", ["toy"], [8], ["lora"], tmp_path, model="tiny")
+    grid_lrs = list(accuracy.METHODS["lora"].lr_grid)
+    assert calls[:3] == grid_lrs and calls[3:5] == [3e-2, 1e-1]  # two points past the edge
+    assert {r["spec"]["lr"] for r in records} == {1e-1} and len(calls) == 5 + 2
+    assert len(grid) == 5  # the selection table lists the extensions too
+    assert accuracy.next_lr(1e-3, up=False) == 3e-4 and accuracy.next_lr(3e-5, up=True) == 1e-4

@@ -110,6 +110,22 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+MAX_EXTENSIONS = 2  # grid points added past each edge at most
+
+
+def next_lr(lr: float, up: bool) -> float:
+    """The next point of the 1-3-10 ladder above or below `lr` (1e-3 -> 3e-3 -> 1e-2)."""
+    import math
+
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = round(lr / 10**exponent)
+    ladder = [1, 3]
+    i = ladder.index(mantissa) if mantissa in ladder else 0
+    step = i + (1 if up else -1)
+    exponent += step // 2
+    return float(f"{ladder[step % 2]}e{exponent}")
+
+
 def grid(
     method: str, profile: Profile, r_eq: int, lr: float | None = None
 ) -> list[tuple[dict, float]]:
@@ -301,11 +317,33 @@ def run_benchmark(
         specs = seed0_specs(task, r_eq, method)
         if specs is None:
             return
-        # a reference looked up for an ablation is only read, never trained, from here
-        results = [ensure(s) if record else (cache.get(s) or {}).get("result") for s in specs]
+
+        def fetch(spec: RunSpec) -> dict | None:
+            # a reference looked up for an ablation is only read, never trained, from here
+            return ensure(spec) if record else (cache.get(spec) or {}).get("result")
+
+        results = [fetch(s) for s in specs]
         if any(r is None for r in results):  # report-only: an unfinished grid
             return
         best = max(range(len(specs)), key=lambda i: (results[i]["validation"], -i))
+        # A choice on the grid's edge: try the next rate past it (for the chosen variant),
+        # until the best rate is inside the grid or MAX_EXTENSIONS were added on that side.
+        extend = profile.lr_index is None and METHODS[method].lr_from is None
+        added = {True: 0, False: 0}
+        while extend:
+            lrs = sorted({s.lr for s in specs})
+            lr = specs[best].lr
+            up = lr == lrs[-1]
+            if len(lrs) < 2 or not (up or lr == lrs[0]) or added[up] >= MAX_EXTENSIONS:
+                break
+            added[up] += 1
+            spec = replace(specs[best], lr=next_lr(lr, up))
+            result = fetch(spec)
+            if result is None:  # report-only: the extension is not run yet
+                return
+            specs.append(spec)
+            results.append(result)
+            best = max(range(len(specs)), key=lambda i: (results[i]["validation"], -i))
         chosen_lr[(task, r_eq, method)] = specs[best].lr
         if not record:
             return
