@@ -2,6 +2,7 @@
 same budget, runs are cached by configuration, tables are rebuilt from the cache."""
 
 import csv
+import json
 
 import pytest
 
@@ -221,3 +222,30 @@ def test_a_choice_on_the_grid_edge_extends_the_grid(tmp_path, monkeypatch):
     assert {r["spec"]["lr"] for r in records} == {1e-1} and len(calls) == 5 + 2
     assert len(grid) == 5  # the selection table lists the extensions too
     assert accuracy.next_lr(1e-3, up=False) == 3e-4 and accuracy.next_lr(3e-5, up=True) == 1e-4
+
+
+def test_committed_cache_files_are_still_found_under_their_keys():
+    """A change to TrainConfig, RunSpec or the key must not silently orphan the committed runs
+    (hours of CPU): every cached file's spec must hash to its own file name."""
+    from pathlib import Path
+
+    from spalora.bench.accuracy import Profile, RunSpec
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "cache" / "accuracy-full"
+    files = sorted(root.glob("*.json"))
+    if not files:
+        pytest.skip("no committed accuracy cache")
+    for path in files:
+        sp = json.loads(path.read_text())["spec"]
+        profile = {k: tuple(v) if isinstance(v, list) else v for k, v in sp["profile"].items()}
+        spec = RunSpec(
+            sp["method"],
+            tuple(tuple(x) for x in sp["variant"]),
+            sp["lr"],
+            sp["seed"],
+            sp["task"],
+            sp["r_eq"],
+            Profile(**profile),
+            sp["model"],
+        )
+        assert spec.key() == path.stem, f"{path.name} is no longer found under its key"

@@ -71,7 +71,7 @@ class RunSpec:
 
     def key(self) -> str:
         blob = json.dumps(
-            [CACHE_VERSION, asdict(self), asdict(self.train_config()), package_versions()],
+            [CACHE_VERSION, asdict(self), train_key(self.train_config()), package_versions()],
             sort_keys=True,
             default=str,
         )
@@ -95,6 +95,29 @@ class RunSpec:
         variant = ",".join(f"{k}={v}" for k, v in self.variant)
         name = f"{self.method}[{variant}]" if variant else self.method
         return f"{self.task} r_eq={self.r_eq} {name} lr={self.lr:g} seed={self.seed}"
+
+
+# TrainConfig's fields when the cache began: always in the key. A field added since enters the
+# key only when set away from its default, so adding an option (e.g. `distributed`) leaves the
+# cached runs valid while a run that uses it gets a key of its own.
+KEYED_TRAIN_FIELDS = (
+    "steps", "batch_size", "lora_lr", "sparse_lr", "lr_warmup_steps", "max_grad_norm",
+    "max_length", "seed", "progress", "checkpoint_dir", "checkpoint_every", "keep_last",
+    "resume", "grad_accum", "log_path", "eval_every", "bf16", "tensorboard_dir", "overlong",
+)  # fmt: skip
+
+
+def train_key(cfg) -> dict:
+    """The part of a TrainConfig that names a run in the cache (see KEYED_TRAIN_FIELDS)."""
+    from dataclasses import fields
+
+    defaults = type(cfg)()
+    out = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in KEYED_TRAIN_FIELDS or value != getattr(defaults, f.name):
+            out[f.name] = value
+    return out
 
 
 def package_versions() -> dict[str, str]:
