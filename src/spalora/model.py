@@ -293,6 +293,18 @@ def _adapter_dir(adapter_dir: str | Path, adapter_name: str) -> Path:
     return adapter_dir
 
 
+def _read_adapter(
+    adapter_dir: str | Path, adapter_name: str
+) -> tuple[SpaloraConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of a saved adapter (its subfolder for a named one, if any)."""
+    folder = _adapter_dir(adapter_dir, adapter_name)
+    config = SpaloraConfig.load(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.exists():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
+    return config, load_file(str(weights))
+
+
 def _check_name(adapter_name: str) -> None:
     if not isinstance(adapter_name, str) or not _NAME_RE.fullmatch(adapter_name):
         raise ValueError(
@@ -540,12 +552,7 @@ class SpaloraModel(nn.Module):
         `from_pretrained`: on a mismatch a ValueError names the tensor and nothing changes.
         """
         self._check_new(adapter_name)
-        adapter_dir = _adapter_dir(adapter_dir, adapter_name)
-        config = SpaloraConfig.load(adapter_dir)
-        weights = adapter_dir / WEIGHTS_NAME
-        if not weights.exists():
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {adapter_dir}")
-        state = load_file(str(weights))
+        config, state = _read_adapter(adapter_dir, adapter_name)
         validate_adapter_state(self.base_model, config, state, wrapped=True)
         plan = _plan_adapter(self.base_model, config, wrapped=True)
         tensors: dict[str, dict[str, torch.Tensor]] = {a.name: {} for a in plan.allocations}
@@ -712,12 +719,7 @@ class SpaloraModel(nn.Module):
         one, else the folder itself); add the others with `load_adapter`.
         """
         _check_name(adapter_name)
-        adapter_dir = _adapter_dir(adapter_dir, adapter_name)
-        config = SpaloraConfig.load(adapter_dir)
-        weights = adapter_dir / WEIGHTS_NAME
-        if not weights.exists():
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {adapter_dir}")
-        state = load_file(str(weights))
+        config, state = _read_adapter(adapter_dir, adapter_name)
         validate_adapter_state(model, config, state)
         wrapped = cls(model, config, adapter_name=adapter_name)
         wrapped.load_adapter_state(state)

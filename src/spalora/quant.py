@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layer import SpaloraLinear, is_conv1d, is_quantized
+from .model import _matches, _set_submodule
 
 QUANT_TYPES = ("int8", "nf4", "fp4")
 FOUR_BIT = ("nf4", "fp4")
@@ -241,22 +242,6 @@ class QuantizedLinear(nn.Module):
 
 
 # ------------------------------------------------------------------ models
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
-def _matches(name: str, patterns: list[str] | str | None) -> bool:
-    if patterns is None:
-        return True
-    if isinstance(patterns, str):
-        import re
-
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
 def quantize_base(
     model: nn.Module,
     quant_type: str = "int8",
@@ -285,7 +270,7 @@ def quantize_base(
         if isinstance(module, SpaloraLinear):
             if module.merged:
                 raise RuntimeError(f"{name} holds a merged adapter: unmerge_adapter() first")
-            if not module.quantized and _matches(name, target_modules):
+            if not module.quantized and (target_modules is None or _matches(name, target_modules)):
                 todo.append((name, module))
         elif (isinstance(module, nn.Linear) or is_conv1d(module)) and _matches(
             name, target_modules
