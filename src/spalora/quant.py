@@ -242,6 +242,11 @@ class QuantizedLinear(nn.Module):
 
 
 # ------------------------------------------------------------------ models
+def _targeted(name: str, target_modules: list[str] | str | None) -> bool:
+    """None: every layer; else model.py's matching (exact name, suffix, or regex)."""
+    return target_modules is None or _matches(name, target_modules)
+
+
 def quantize_base(
     model: nn.Module,
     quant_type: str = "int8",
@@ -270,9 +275,9 @@ def quantize_base(
         if isinstance(module, SpaloraLinear):
             if module.merged:
                 raise RuntimeError(f"{name} holds a merged adapter: unmerge_adapter() first")
-            if not module.quantized and (target_modules is None or _matches(name, target_modules)):
+            if not module.quantized and _targeted(name, target_modules):
                 todo.append((name, module))
-        elif (isinstance(module, nn.Linear) or is_conv1d(module)) and _matches(
+        elif (isinstance(module, nn.Linear) or is_conv1d(module)) and _targeted(
             name, target_modules
         ):
             todo.append((name, module))
