@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--out", default="docs/results", help="where speed.md/.csv go")
     bs.add_argument("--model", default="smollm2-135m")
     bs.add_argument("--no-memory", action="store_true", help="skip the per-row processes")
+    bs.add_argument(
+        "--rows", help="comma-separated subset of the rows (default: all); use another --out"
+    )
     bs.add_argument("--no-progress", action="store_true")
 
     an = sub.add_parser("analyze", help="how well each layer's fine-tuning update compresses")
@@ -572,6 +575,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speed_rows(text: str | None) -> tuple[str, ...]:
+    from .bench.speed import ROWS
+
+    if not text:
+        return ROWS
+    rows = tuple(r.strip() for r in text.split(",") if r.strip())
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        raise SystemExit(f"error: unknown speed rows {unknown}; available: {list(ROWS)}")
+    return rows
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "speed":
         from .bench.speed import run_speed
@@ -581,6 +596,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.out,
             args.repeats,
             args.model,
+            rows=_speed_rows(args.rows),
             memory=not args.no_memory,
             progress=not args.no_progress,
             command=command.strip(),
