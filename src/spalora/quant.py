@@ -293,7 +293,27 @@ def quantize_base(
             q = QuantizedLinear.from_float(module, quant_type, blocksize)
             q.train(module.training)
             _set_submodule(root, name, q)
+    release_loaded_storage(root)
     return model
+
+
+@torch.no_grad()
+def release_loaded_storage(model: nn.Module) -> None:
+    """Give the unquantized tensors (embeddings, norms) memory of their own.
+
+    transformers loads safetensors weights as views of one memory-mapped file; while any of them
+    (the embeddings, say) still points into it, every page of the fp32 projections that quantizing
+    read stays mapped and resident, so the process kept its fp32 footprint (measured on
+    SmolLM2-135M: 935 MB resident after quantizing, 638 MB after this).
+    """
+    for param in model.parameters():  # each tied parameter once: the tie is kept
+        param.data = param.data.clone()
+    for module in model.modules():
+        if is_quantized(module):
+            continue  # its buffers are fresh already
+        for key, buf in list(module._buffers.items()):
+            if buf is not None:
+                module._buffers[key] = buf.clone()
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
