@@ -58,3 +58,19 @@ def test_file_task_errors_come_before_the_model_loads(tmp_path):
         main(["train", "--task", "file", "--data", str(bad), "--strict"])
     with pytest.raises(SystemExit, match="has 1 usable examples; at least 10 are needed"):
         main(["train", "--task", "file", "--data", str(bad)])
+
+
+@pytest.mark.parametrize("recipe", ["default", "rosa-paper", "spalora"])
+def test_shipped_recipes_build_valid_configs(recipe):
+    """Every YAML in configs/ resolves to a valid adapter and training configuration."""
+    from pathlib import Path
+
+    from spalora import SpaloraConfig
+    from spalora.train import TrainConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{recipe}.yaml"
+    resolved = resolve_recipe(build_parser().parse_args(["train", "--config", str(path)]))
+    adapter = SpaloraConfig(**resolved["adapter"])
+    TrainConfig(**resolved["train"])
+    if recipe == "spalora":
+        assert adapter.method == "spalora" and adapter.budget == "r8"
