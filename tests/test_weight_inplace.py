@@ -9,6 +9,7 @@ from spalora.functional import reference_linear, sparse_lora_linear
 from spalora.masks import apply_masks, static_scores
 
 from .conftest import tiny_llama
+from .test_model import trained_adapter
 
 OUT, IN, R, NNZ = 12, 10, 3, 17
 
@@ -264,15 +265,8 @@ def test_merge_unmerge_disable_and_unload_give_w0(token_batch):
     base = tiny_llama()
     w0 = {k: v.clone() for k, v in base.state_dict().items()}
     plain = base(**token_batch).logits
-    cfg = SpaloraConfig(method="rosa", r=2, density=0.05)
-    wrapped = get_spalora_model(base, cfg)
+    wrapped = trained_adapter(base)  # rosa, r=2, density 0.05, random mask, nonzero values
     layers = wrapped.adapter_layers()
-    apply_masks(layers, "random", seed=3, progress=False)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in wrapped.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     adapted = wrapped(**token_batch).logits
     # the wrapped model's state dict holds W0, and the next forward is unchanged
     sd = wrapped.base_model.state_dict()
