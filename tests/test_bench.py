@@ -74,6 +74,11 @@ def test_quick_benchmark_runs_caches_and_reports(tmp_path, monkeypatch):
             assert r["trainable_params"] <= r["budget_params"]
         if rec["spec"]["method"].startswith("spalora"):  # over-provisioned, then truncated
             assert r["peak_trainable_params"] > r["budget_params"] >= r["trainable_params"]
+            # the final split is recorded, layer by layer, and adds up to the trained count
+            spent = sum(rk * (o + i) + k for o, i, rk, k in r["allocation"].values())
+            assert spent == r["trainable_params"]
+        else:
+            assert r["allocation"] is None
 
     def must_not_train(*args, **kw):
         raise AssertionError("a cached run was trained again")
@@ -84,7 +89,7 @@ def test_quick_benchmark_runs_caches_and_reports(tmp_path, monkeypatch):
     )
     assert again == records
     rows = accuracy.summarize(records)
-    paths = accuracy.write_report(rows, grid, tmp_path / "out", "quick", "pytest")
+    paths = accuracy.write_report(rows, grid, tmp_path / "out", "quick", "pytest", records)
     with open(tmp_path / "out" / "accuracy.csv") as fh:
         table = list(csv.reader(fh))
     assert tuple(table[0]) == accuracy.CSV_COLUMNS
@@ -92,6 +97,12 @@ def test_quick_benchmark_runs_caches_and_reports(tmp_path, monkeypatch):
     md = paths[0].read_text()
     assert "| peft-supra |" in md and "## Selection" in md
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
+    # our method's split: one row for the one (task, r_eq), and its plot
+    (split,) = accuracy.split_summary(records)
+    assert (split["task"], split["r_eq"], split["seeds"]) == ("toy", 2, 1)
+    assert 0.0 < split["rank_share"] <= 1.0
+    assert "## Our method's split" in md and "| toy | 2 | 1 |" in md
+    assert paths[3].name == "allocation.png" and paths[3].read_bytes()[:4] == b"\x89PNG"
 
 
 def test_report_only_leaves_out_unfinished_grids(tmp_path):

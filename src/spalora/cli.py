@@ -628,7 +628,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
     rows = accuracy.summarize(records)
-    for path in accuracy.write_report(rows, grid, out, args.profile, command.strip()):
+    for path in accuracy.write_report(rows, grid, out, args.profile, command.strip(), records):
         print(f"[spalora] wrote {path}")
     return 0
 

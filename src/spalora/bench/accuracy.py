@@ -235,6 +235,11 @@ def run_one(
     t = evaluate_task(model, tokenizer, task, test, progress=progress, desc="test")
     losses = [h["loss"] for h in history if "loss" in h]
     saved = None
+    allocation = None
+    if over_budget_until_truncation:  # our method's final split: {layer: [out, in, r, nnz]}
+        allocation = {
+            a.name: [a.out_features, a.in_features, a.r, a.nnz] for a in model.allocations
+        }
     if spec.method == "fft" and save_dir is not None:  # what `spalora analyze --tuned` reads
         saved = str(Path(save_dir) / f"fft-{spec.task}-lr{spec.lr:g}-seed{spec.seed}")
         model.save_pretrained(saved)
@@ -253,6 +258,7 @@ def run_one(
         "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
         "finite": all(x == x for x in losses),
         "saved_model": saved,
+        "allocation": allocation,
         "versions": package_versions(),
     }
 
@@ -424,11 +430,97 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
+def split_summary(records: list[dict], method: str = "spalora") -> list[dict]:
+    """How our method split the budget, per (task, r_eq), averaged over the chosen setting's
+    seeds: the share of the budget spent on rank, and mean rank / density per module type."""
+    from ..plot import block_and_kind
+
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for rec in records:
+        alloc = rec["result"].get("allocation")
+        if rec["spec"]["method"] == method and alloc:
+            groups.setdefault((rec["spec"]["task"], rec["budget"]), []).append(alloc)
+    out = []
+    for (task, r_eq), allocs in sorted(groups.items()):
+        kinds: dict[str, list[float]] = {}
+        blocks: dict[str, list[float]] = {}
+        rank_share = []
+        for alloc in allocs:
+            rank_params = sum(r * (o + i) for o, i, r, _ in alloc.values())
+            total = sum(r * (o + i) + k for o, i, r, k in alloc.values())
+            rank_share.append(rank_params / total)
+            for name, (o, i, r, k) in alloc.items():
+                block, kind = block_and_kind(name)
+                kinds.setdefault(kind, []).append((r, k / (o * i)))
+                blocks.setdefault(block, []).append((r, k / (o * i)))
+
+        def means(cells: dict) -> dict[str, tuple[float, float]]:
+            return {
+                key: (
+                    statistics.fmean(r for r, _ in v),
+                    statistics.fmean(d for _, d in v),
+                )
+                for key, v in cells.items()
+            }
+
+        out.append(
+            {
+                "task": task,
+                "r_eq": r_eq,
+                "seeds": len(allocs),
+                "rank_share": statistics.fmean(rank_share),
+                "by_kind": means(kinds),
+                "by_block": means(blocks),
+            }
+        )
+    return out
+
+
+def plot_splits(splits: list[dict], path: Path) -> Path:
+    """Mean rank and density per module type and per block, one line per (task, r_eq)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 6.5))
+    for s in splits:
+        label = f"{s['task']}, r_eq = {s['r_eq']} (rank share {100 * s['rank_share']:.0f}%)"
+        kinds = list(s["by_kind"])
+        short = [k.rsplit(".", 1)[-1].removesuffix("_proj") for k in kinds]
+        blocks = sorted(s["by_block"], key=lambda b: int(b) if b.isdigit() else -1)
+        for col, (keys, ticks, cells) in enumerate(
+            ((kinds, short, s["by_kind"]), (blocks, blocks, s["by_block"]))
+        ):
+            for row in (0, 1):
+                values = [cells[k][row] * (100 if row else 1) for k in keys]
+                axes[row, col].plot(ticks, values, marker="o", ms=3, label=label)
+    axes[0, 0].set_ylabel("mean rank")
+    axes[1, 0].set_ylabel("mean sparse density (%)")
+    axes[1, 0].set_xlabel("module type")
+    axes[1, 1].set_xlabel("block")
+    for ax in axes[:, 1]:
+        ax.tick_params(axis="x", labelsize=6)
+    axes[0, 0].set_title("our method's split, by module type")
+    axes[0, 1].set_title("by block (mean over module types)")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def write_report(
-    rows: list[dict], grid_rows: list[dict], out_dir: str | Path, profile: str, command: str
+    rows: list[dict],
+    grid_rows: list[dict],
+    out_dir: str | Path,
+    profile: str,
+    command: str,
+    records: list[dict] | None = None,
 ) -> list[Path]:
     """accuracy.md (tables), accuracy.csv (CSV_COLUMNS exactly) and accuracy.png (bars with
-    error bars), all from the cached runs."""
+    error bars), all from the cached runs; with `records`, also our method's budget split
+    (a table in accuracy.md and allocation.png)."""
     import csv
     import platform
 
@@ -505,8 +597,38 @@ def write_report(
             f"{', '.join(f'{k}={v}' for k, v in variant.items()) or '-'} | {s['lr']:g} | "
             f"{score} | {'x' if key in chosen else ''} |"
         )
+    splits = split_summary(records or [])
+    if splits:
+        kinds = list(dict.fromkeys(k for s in splits for k in s["by_kind"]))
+        short = [k.rsplit(".", 1)[-1] for k in kinds]
+        lines += [
+            "",
+            "## Our method's split of the budget (after truncation, mean over seeds)",
+            "",
+            "Per-layer ranks and nonzeros are chosen by the global threshold, not set by hand; "
+            "plot: allocation.png. Cells: mean rank / mean sparse density (%) of that module "
+            "type over the blocks.",
+            "",
+            "| task | r_eq | seeds | rank share of budget | " + " | ".join(short) + " |",
+            "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in kinds) + " |",
+        ]
+        for s in splits:
+            cells = [
+                f"{s['by_kind'][k][0]:.1f} / {100 * s['by_kind'][k][1]:.2f}"
+                if k in s["by_kind"]
+                else "-"
+                for k in kinds
+            ]
+            lines.append(
+                f"| {s['task']} | {s['r_eq']} | {s['seeds']} | {100 * s['rank_share']:.0f}% | "
+                + " | ".join(cells)
+                + " |"
+            )
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
-    return [out / "accuracy.md", out / "accuracy.csv", plot_accuracy(rows, out / "accuracy.png")]
+    paths = [out / "accuracy.md", out / "accuracy.csv", plot_accuracy(rows, out / "accuracy.png")]
+    if splits:
+        paths.append(plot_splits(splits, out / "allocation.png"))
+    return paths
 
 
 def method_color(name: str) -> str:
