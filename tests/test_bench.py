@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from spalora import SpaloraConfig
 from spalora.bench import accuracy
 from spalora.bench.methods import METHODS, budget_params, build_method, supra_sparsity
 from spalora.tasks import Task
@@ -63,7 +64,7 @@ def test_quick_benchmark_runs_caches_and_reports(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     kwargs = dict(load_model=tiny, load_task=toy_task, progress=False)
     records, grid = accuracy.run_benchmark(
-        "quick", ["toy"], [2], list(METHODS), cache, model="tiny", **kwargs
+        "quick", ["toy"], [2], list(METHODS), cache, model="tiny", save_dir=tmp_path / "s", **kwargs
     )
     assert len(records) == len(METHODS) == len(grid)  # quick: one setting, one seed each
     assert len(list(cache.glob("*.json"))) == len(METHODS)
@@ -77,6 +78,9 @@ def test_quick_benchmark_runs_caches_and_reports(tmp_path, monkeypatch):
             # the final split is recorded, layer by layer, and adds up to the trained count
             spent = sum(rk * (o + i) + k for o, i, rk, k in r["allocation"].values())
             assert spent == r["trainable_params"]
+            # and its adapter is saved, with that split, for `spalora plot`
+            saved = SpaloraConfig.load(r["saved_model"])
+            assert {n: v[2] for n, v in r["allocation"].items()} == saved.rank_pattern
         else:
             assert r["allocation"] is None
 

@@ -40,6 +40,17 @@ def test_plot_writes_pngs(tmp_path, capsys):
     assert set(shapes) == set(wrapped.spalora_config.rank_pattern)
 
 
+def test_plot_of_an_adapter_folder_draws_its_allocation(tmp_path, capsys):
+    wrapped = get_spalora_model(
+        tiny_llama(), SpaloraConfig(method="rosa", budget="r2", rank_fraction=0.5)
+    )
+    wrapped.save_pretrained(tmp_path)
+    assert main(["plot", str(tmp_path)]) == 0
+    assert (tmp_path / "allocation.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "loss.png").exists()
+    assert "allocation.png" in capsys.readouterr().out
+
+
 def test_plot_needs_a_run(tmp_path):
     with pytest.raises(SystemExit, match="no history.jsonl"):
         main(["plot", str(tmp_path)])

@@ -270,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("plot", help="write PNGs of a run: loss curve, per-layer rank/density")
-    p.add_argument("run_dir", help="a `spalora train --output-dir` folder")
+    p.add_argument(
+        "run_dir",
+        help="a `spalora train --output-dir` folder, or an adapter folder (allocation only)",
+    )
     return parser
 
 

@@ -165,8 +165,11 @@ def plot_allocation(adapter_dir: Path, out: Path) -> Path:
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write every plot the run's files allow; returns the PNG paths."""
+    """Write every plot the run's files allow; returns the PNG paths. An adapter folder (no
+    history, an adapter_config.json) gets its allocation plot."""
     run = Path(run_dir)
+    if (run / "adapter_config.json").exists() and not (run / "history.jsonl").exists():
+        return [plot_allocation(run, run / "allocation.png")]
     written = [plot_loss(read_history(run), run / "loss.png")]
     if (run / "adapter" / "adapter_config.json").exists():
         written.append(plot_allocation(run / "adapter", run / "allocation.png"))

@@ -188,7 +188,8 @@ def run_one(
     save_dir: str | Path | None = None,
 ) -> dict:
     """Train one configuration and score it on validation and test (full fine-tuning runs are
-    also saved under `save_dir`, for `spalora analyze`)."""
+    also saved under `save_dir`, for `spalora analyze`; our method's adapters too, for
+    `spalora plot`)."""
     from ..evaluate import evaluate_task
     from ..train import train
 
@@ -244,6 +245,11 @@ def run_one(
         saved = str(Path(save_dir) / f"fft-{spec.task}-lr{spec.lr:g}-seed{spec.seed}")
         model.save_pretrained(saved)
         tokenizer.save_pretrained(saved)
+    elif over_budget_until_truncation and save_dir is not None:  # for `spalora plot ADAPTER`
+        saved = str(
+            Path(save_dir) / f"{spec.method}-{spec.task}-r{spec.r_eq}-lr{spec.lr:g}-seed{spec.seed}"
+        )
+        model.save_pretrained(saved)
     return {
         "validation": v["value"],
         "test": t["value"],
