@@ -264,3 +264,20 @@ def test_committed_cache_files_are_still_found_under_their_keys():
             sp["model"],
         )
         assert spec.key() == path.stem, f"{path.name} is no longer found under its key"
+
+
+def test_a_method_revision_retrains_only_that_method(monkeypatch):
+    """Bumping Method.revision gives its runs new keys (retrained); other methods keep theirs."""
+    from dataclasses import replace as dc_replace
+
+    from spalora.bench import methods
+    from spalora.bench.accuracy import PROFILES, RunSpec
+
+    def key(method):
+        return RunSpec(method, (), 1e-3, 0, "bbc-topic", 8, PROFILES["full"], "m").key()
+
+    rosa, lora = key("rosa"), key("lora")
+    revised = dc_replace(methods.METHODS["rosa"], revision=methods.METHODS["rosa"].revision + 1)
+    monkeypatch.setitem(methods.METHODS, "rosa", revised)
+    assert key("rosa") != rosa
+    assert key("lora") == lora

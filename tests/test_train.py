@@ -138,6 +138,9 @@ def test_trainer_runs_mask_schedule(tmp_path):
     )
     trainer.train()
     assert callback.schedule.phase == "joint" and callback.schedule.mask_step == 4
+    # the callback scales the sparse group's next rate: (8 - 4 + 1) / 10 of the LoRA group's
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["sparse"] == pytest.approx(0.5 * lrs["lora"])
     assert all(lay.mask_ready for lay in model.adapter_layers().values())
     assert any(lay.sparse_values.abs().sum() > 0 for lay in model.adapter_layers().values())
 
@@ -264,3 +267,52 @@ def test_loss_evaluation_counts_every_completion_token():
             total += model(**batch).loss.item() * k
             n += k
     assert got["tokens"] == n and abs(got["loss"] - total / n) < 1e-5
+
+
+def test_sparse_learning_rate_warms_up_after_the_mask():
+    """Adam's first step moves every fresh value by its full learning rate (a sign step): the
+    sparse values must enter at 1/sparse_warmup_steps of it, then ramp up linearly."""
+    from spalora.train import lr_factor
+
+    def first_sparse_step(sparse_warmup_steps):
+        cfg = SpaloraConfig(
+            method="rosa",
+            r=2,
+            density=0.05,
+            warmup_steps=2,
+            mask_batches=1,
+            lora_dropout=0.0,
+            sparse_warmup_steps=sparse_warmup_steps,
+        )
+        model = get_spalora_model(tiny_llama(), cfg)
+        # masks are set after step 3 (2 warm-up + 1 collect): step index 3 is the first joint one
+        out = train(
+            model,
+            word_tokenizer(),
+            WORD_EXAMPLES,
+            TrainConfig(steps=4, batch_size=8, progress=False, lora_lr=1e-2, sparse_lr=1e-2),
+        )
+        assert out["mask_step"] == 3
+        moved = max(float(p.detach().abs().max()) for p in model.sparse_parameters())
+        return moved, 1e-2 * lr_factor(3, TrainConfig().lr_warmup_steps, 4)
+
+    moved, lr = first_sparse_step(4)
+    assert moved == pytest.approx(lr / 4, rel=1e-3)
+    moved, lr = first_sparse_step(0)  # the old behaviour, still available
+    assert moved == pytest.approx(lr, rel=1e-3)
+
+
+def test_group_lr_scale_ramps_only_the_sparse_group():
+    cfg = SpaloraConfig(method="rosa", r=2, density=0.05, warmup_steps=1, mask_batches=1)
+    schedule = MaskSchedule(get_spalora_model(tiny_llama(), cfg), progress=False)
+    assert schedule.group_lr_scale("sparse") == 1.0  # before the mask nothing is scaled
+    schedule.mask_step, schedule.steps = 7, 7
+    ramp = []
+    for _ in range(12):
+        ramp.append(schedule.group_lr_scale("sparse"))
+        assert schedule.group_lr_scale("lora") == 1.0
+        schedule.steps += 1
+    assert ramp == pytest.approx([0.1 * i for i in range(1, 11)] + [1.0, 1.0])
+    schedule.config.restart_after_mask = True  # the restarted run warms up everything anyway
+    schedule.steps = 7
+    assert schedule.group_lr_scale("sparse") == 1.0

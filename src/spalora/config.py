@@ -39,6 +39,10 @@ class SpaloraConfig:
     warmup_steps: int = 64
     mask_batches: int = 8
     restart_after_mask: bool = False
+    # The sparse values join training mid-run, where Adam's first steps move every one of them by
+    # about the full learning rate at once (a sign step): their learning rate ramps up linearly
+    # over this many steps after the masks are set, as every parameter's does at step 0.
+    sparse_warmup_steps: int = 10
     seed: int = 0
     # Per-layer densities overriding `density`: {"mlp.down_proj": 0.02, r".*\.0\..*": 0.05}; a key
     # matches a module whose name equals it or ends with "." + key, or fully matches it as a regex.
@@ -86,8 +90,10 @@ class SpaloraConfig:
             raise ValueError(f"r must be >= 1 for method {self.method!r}, got {self.r}")
         if not (0.0 <= float(self.lora_dropout) < 1.0):
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
-        if self.warmup_steps < 0 or self.mask_batches < 1:
-            raise ValueError("warmup_steps must be >= 0 and mask_batches >= 1")
+        if self.warmup_steps < 0 or self.mask_batches < 1 or self.sparse_warmup_steps < 0:
+            raise ValueError(
+                "warmup_steps and sparse_warmup_steps must be >= 0 and mask_batches >= 1"
+            )
         if self.method == "spalora":
             if self.overprovision < 1.0:
                 raise ValueError(f"overprovision must be >= 1, got {self.overprovision}")

@@ -7,7 +7,8 @@ HF `Trainer` with `SpaloraCallback`. Phases:
   collect -> hooks gather statistics over the next `mask_batches` micro-batches (gradient and
              activation strategies only; training goes on meanwhile; with several processes,
              micro-batches of all ranks, whose statistics are summed before the top-k);
-  joint   -> masks are set, values start at zero and train with LoRA.
+  joint   -> masks are set, values start at zero and train with LoRA; their learning rate
+             ramps up over `sparse_warmup_steps` (`group_lr_scale`).
 
 Our method (method="spalora") puts one phase between collect and joint:
 
@@ -142,6 +143,17 @@ class MaskSchedule:
             return 1.0
         return min(1.0, (self.steps - self.truncate_step + 1) / self.config.rewarm_steps)
 
+    def group_lr_scale(self, group: str | None) -> float:
+        """Extra factor on one optimizer group's learning rate for the next step: the sparse
+        values, which start training when the masks are set, warm up linearly from there (with
+        `restart_after_mask` the whole schedule restarts, warm-up included: no extra factor)."""
+        warm = self.config.sparse_warmup_steps
+        if group != "sparse" or not warm or self.config.restart_after_mask:
+            return 1.0
+        if self.mask_step is None:  # masks not set yet: the values do not train
+            return 1.0
+        return min(1.0, (self.steps - self.mask_step + 1) / warm)
+
     def _detach_collector(self) -> None:
         if self.collector is not None:
             self.collector.detach()
@@ -205,7 +217,11 @@ class SpaloraCallback(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.schedule.step(kwargs.get("optimizer"))
+        optimizer = kwargs.get("optimizer")
+        self.schedule.step(optimizer)
+        if optimizer is not None:  # Trainer's scheduler set the next rate already: scale it
+            for group in optimizer.param_groups:
+                group["lr"] *= self.schedule.group_lr_scale(group.get("name"))
         return control
 
     def on_train_end(self, args, state, control, **kwargs):

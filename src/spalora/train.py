@@ -79,6 +79,9 @@ class NoSchedule:
     def lr_scale(self) -> float:
         return 1.0
 
+    def group_lr_scale(self, group: str | None) -> float:
+        return 1.0
+
     def close(self) -> None:
         pass
 
@@ -273,7 +276,7 @@ def train(
         while lr_step < total:
             factor = lr_factor(lr_step, cfg.lr_warmup_steps, total) * schedule.lr_scale()
             for g in optimizer.param_groups:
-                g["lr"] = g["initial_lr"] * factor
+                g["lr"] = g["initial_lr"] * factor * schedule.group_lr_scale(g.get("name"))
             total_loss = 0.0
             for i in range(cfg.grad_accum):  # micro-batches of one optimizer step
                 batch = {k: v.to(device) for k, v in next(stream).items()}

@@ -70,11 +70,11 @@ class RunSpec:
     model: str
 
     def key(self) -> str:
-        blob = json.dumps(
-            [CACHE_VERSION, asdict(self), train_key(self.train_config()), package_versions()],
-            sort_keys=True,
-            default=str,
-        )
+        parts = [CACHE_VERSION, asdict(self), train_key(self.train_config()), package_versions()]
+        revision = METHODS[self.method].revision if self.method in METHODS else 0
+        if revision:  # absent at 0, so the keys of methods never revised stay as they were
+            parts.append({"method_revision": revision})
+        blob = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def train_config(self):
@@ -85,7 +85,7 @@ class RunSpec:
             steps=p.steps,
             batch_size=p.batch_size,
             lora_lr=self.lr,
-            sparse_lr=self.lr,
+            sparse_lr=self.lr * METHODS[self.method].sparse_lr_ratio,
             max_length=p.max_length,
             seed=self.seed,
             progress=False,
@@ -263,6 +263,7 @@ def run_one(
         "train_seconds": train_seconds,
         "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
         "finite": all(x == x for x in losses),
+        "losses": [round(x, 4) for x in losses],  # the training curve, for diagnosis
         "saved_model": saved,
         "allocation": allocation,
         "versions": package_versions(),
