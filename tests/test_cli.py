@@ -13,10 +13,13 @@ def test_bad_density_fails_before_loading():
 def test_yaml_then_flags(tmp_path):
     cfg = tmp_path / "r.yaml"
     cfg.write_text("adapter:\n  method: sparse\n  budget: '0.1%'\ntrain:\n  steps: 7\n")
-    args = build_parser().parse_args(["train", "--config", str(cfg), "--steps", "9"])
+    args = build_parser().parse_args(
+        ["train", "--config", str(cfg), "--steps", "9", "--sparse-warmup-steps", "0"]
+    )
     recipe = resolve_recipe(args)
     assert recipe["adapter"]["method"] == "sparse" and recipe["adapter"]["budget"] == "0.1%"
     assert recipe["train"]["steps"] == 9
+    assert recipe["adapter"]["sparse_warmup_steps"] == 0
     assert recipe["adapter"]["mask_strategy"] == "fisher"  # default kept
 
 

@@ -71,6 +71,7 @@ FLAGS = {
     "mask_strategy": ("adapter", "mask_strategy"),
     "warmup_steps": ("adapter", "warmup_steps"),
     "mask_batches": ("adapter", "mask_batches"),
+    "sparse_warmup_steps": ("adapter", "sparse_warmup_steps"),
     "restart": ("adapter", "restart_after_mask"),
     "overprovision": ("adapter", "overprovision"),
     "rank_reg": ("adapter", "rank_reg"),
@@ -149,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--warmup-steps", type=int, help="LoRA-only steps before the mask")
     t.add_argument("--mask-batches", type=int, help="micro-batches of mask statistics")
+    t.add_argument(
+        "--sparse-warmup-steps",
+        type=int,
+        help="steps over which the sparse values' learning rate ramps up after the mask (10)",
+    )
     t.add_argument(
         "--restart",
         action="store_const",
