@@ -2,6 +2,7 @@
 allocation's exact budget, truncation to the best rank-r part, and an end-to-end tiny run."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -217,8 +218,43 @@ def test_config_errors():
         config(overprovision=0.5)
     with pytest.raises(ValueError, match="allocation"):
         config(allocation="greedy")
+    with pytest.raises(ValueError, match="start_rank"):
+        config(start_rank="max")
     with pytest.raises(ValueError, match="restart_after_mask"):
         config(restart_after_mask=True)
+
+
+@pytest.mark.parametrize("r_eq", [2, 8])
+def test_over_provisioned_start_on_smollm2_shapes(r_eq):
+    """start_rank="budget": rank ceil(1.5 r_eq) (1.5x what all of P buys, so the allocation can
+    reach LoRA's rank); "split": 1.5x the even split's rank. Nonzeros: 1.5x the even split's."""
+    from spalora.budget import LayerShape, parse_budget, solve_budget
+    from spalora.model import overprovisioned
+
+    shapes = [
+        LayerShape(f"{b}.{m}", o, i)
+        for b in range(30)
+        for m, (o, i) in {
+            "q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
+            "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536),
+        }.items()
+    ]  # fmt: skip
+    budget = parse_budget(f"r{r_eq}", shapes, 134_515_008)
+    even = solve_budget(shapes, budget, 0.5)
+    full_rank = solve_budget(shapes, budget, 1.0, use_sparse=False)[0].r
+    assert full_rank == r_eq
+    start = overprovisioned(even, 1.5, full_rank)
+    assert {a.r for a in start} == {math.ceil(1.5 * r_eq)}
+    assert [a.nnz for a in start] == [round(1.5 * a.nnz) for a in even]
+    split = overprovisioned(even, 1.5)
+    assert {a.r for a in split} == {math.ceil(1.5 * max(1, r_eq // 2))}
+
+
+def test_start_rank_reaches_the_model():
+    budget_start = get_spalora_model(tiny_llama(), config())
+    split_start = get_spalora_model(tiny_llama(), config(start_rank="split"))
+    assert {lay.r for lay in budget_start.adapter_layers().values()} == {6}  # ceil(1.5 * 4)
+    assert {lay.r for lay in split_start.adapter_layers().values()} == {3}  # ceil(1.5 * 2)
 
 
 def test_truncate_at_a_fraction_needs_the_run_length():

@@ -74,6 +74,7 @@ FLAGS = {
     "sparse_warmup_steps": ("adapter", "sparse_warmup_steps"),
     "restart": ("adapter", "restart_after_mask"),
     "overprovision": ("adapter", "overprovision"),
+    "start_rank": ("adapter", "start_rank"),
     "rank_reg": ("adapter", "rank_reg"),
     "sparse_reg": ("adapter", "sparse_reg"),
     "irls_every": ("adapter", "irls_every"),
@@ -163,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--overprovision", type=float, help="spalora: train with this many times r and k (1.5)"
+    )
+    t.add_argument(
+        "--start-rank",
+        choices=["budget", "split"],
+        help="spalora: over-provision the rank all of the budget buys (default) or the split's",
     )
     t.add_argument("--rank-reg", type=float, help="spalora: IRLS rank penalty weight (10)")
     t.add_argument("--sparse-reg", type=float, help="spalora: IRLS sparsity penalty weight (10)")

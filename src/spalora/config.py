@@ -53,6 +53,12 @@ class SpaloraConfig:
     # every layer), then truncate to exactly the budget at `truncate_at` (a fraction of the run's
     # steps, or an absolute step when >= 1). See spalora.adaptive.
     overprovision: float = 1.5
+    # Where the over-provisioned rank starts: "budget" = overprovision x the rank the whole budget
+    # would buy (LoRA's), so the allocation can reach pure LoRA and beyond in the layers that
+    # need it; "split" = overprovision x the `rank_fraction` split's rank (the first version,
+    # whose ranks sat at that cap in most layers). The candidate nonzeros are always
+    # overprovision x the split's.
+    start_rank: str = "budget"
     rank_reg: float = 10.0
     sparse_reg: float = 10.0
     irls_every: int = 10
@@ -97,6 +103,8 @@ class SpaloraConfig:
         if self.method == "spalora":
             if self.overprovision < 1.0:
                 raise ValueError(f"overprovision must be >= 1, got {self.overprovision}")
+            if self.start_rank not in ("budget", "split"):
+                raise ValueError(f"start_rank must be 'budget' or 'split', got {self.start_rank!r}")
             if self.rank_reg < 0 or self.sparse_reg < 0:
                 raise ValueError("rank_reg and sparse_reg must be >= 0")
             if self.irls_every < 1 or self.rewarm_steps < 0:

@@ -125,7 +125,11 @@ def resolve_allocation(
     if config.budget is not None:
         uniform = uniform_allocation(model, config, shapes)
         if config.method == "spalora":
-            return overprovisioned(uniform, config.overprovision)
+            rank = None
+            if config.start_rank == "budget":  # the rank all of the budget buys (LoRA's)
+                budget = parse_budget(config.budget, shapes, _base_numel(model))
+                rank = solve_budget(shapes, budget, 1.0, use_sparse=False)[0].r
+            return overprovisioned(uniform, config.overprovision, rank)
         return uniform
     r = int(config.r) if config.uses_lora else 0
     if config.uses_sparse:
@@ -153,12 +157,17 @@ def uniform_allocation(
     return solve_budget(shapes, budget, config.effective_rank_fraction, config.uses_sparse)
 
 
-def overprovisioned(allocs: list[LayerAllocation], c: float) -> list[LayerAllocation]:
-    """c times each layer's rank (rounded up) and nonzeros (capped at the layer's size): what our
-    method trains with until it truncates to the budget."""
+def overprovisioned(
+    allocs: list[LayerAllocation], c: float, rank: int | None = None
+) -> list[LayerAllocation]:
+    """c times each layer's rank (or c times `rank` when given; rounded up, at most the layer's
+    smaller side) and nonzeros (capped at the layer's size): what our method trains with until
+    it truncates to the budget."""
     return [
         dataclasses.replace(
-            a, r=math.ceil(c * a.r), nnz=min(a.out_features * a.in_features, round(c * a.nnz))
+            a,
+            r=min(math.ceil(c * (a.r if rank is None else rank)), a.out_features, a.in_features),
+            nnz=min(a.out_features * a.in_features, round(c * a.nnz)),
         )
         for a in allocs
     ]

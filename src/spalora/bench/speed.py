@@ -65,8 +65,9 @@ def build_row(row: str, load_model) -> tuple[torch.nn.Module, torch.optim.Optimi
     """The model of `row`, ready for its training step (masks already chosen), its optimizer,
     and the schedule its steps must drive (our method's penalties), or None.
 
-    `spalora` is our method's compress phase (1.5x the budget's rank and nonzeros, IRLS penalty
-    steps after each optimizer step and a refresh every 10): its most expensive phase.
+    `spalora` is our method's compress phase (1.5x the rank all of the budget buys, 1.5x the even
+    split's nonzeros, IRLS penalty steps after each optimizer step and a refresh every 10): its
+    most expensive phase.
     `spalora-final` is after truncation, at exactly the budget with per-layer ranks (those of a
     truncation after 2 steps here: the total is the budget's, the split is not a trained one).
     """
@@ -271,8 +272,9 @@ def run_speed(
         "",
         f"SmolLM2-135M-Instruct, one training step (forward + backward + AdamW) on a batch of "
         f"8 x 128 tokens, budget r_eq = {R_EQ} (sparse and RoSA: masks already chosen; RoSA "
-        f"and Supra: half the budget on rank; spalora: our method's compress phase, 1.5x the "
-        f"rank and nonzeros with IRLS penalty steps, and spalora-final: after truncation to the "
+        f"and Supra: half the budget on rank; spalora: our method's compress phase, rank 1.5 r_eq "
+        f"and 1.5x the even split's nonzeros with IRLS penalty steps, and spalora-final: after "
+        f"truncation to the "
         f"budget; rosa-int8: RoSA with the adapted projections of the frozen base stored as "
         f"int8, weight-only). Rows interleaved in one process, median of "
         f"{repeats} steps after 2 warm-up rounds; peak resident memory from a fresh process per "
