@@ -545,16 +545,18 @@ def write_report(
     lines = [
         f"# Accuracy at equal budget ({profile} profile)",
         "",
-        f"Produced by `{command}` from the cached runs in the benchmark cache; "
-        f"machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}. Do not edit: rerun the command.",
+        f"Produced by `{command}` from the cached runs in the benchmark cache (each run "
+        "records the package versions it trained with); "
+        f"machine: {platform.machine()} CPU, torch {torch.__version__}. "
+        "Do not edit: rerun the command.",
         "",
         "Test metric (accuracy for bbc-topic, exact match for arithmetic), mean ± std over "
         "seeds, at the learning rate (and RoSA rank fraction) chosen on the validation split "
         "with seed 0. Budget r_eq: at most r_eq * sum(in + out) trainable parameters over the "
         "adapted layers (fft: every parameter, the reference). 'While training': the most "
-        "trainable parameters during the run (our method trains 1.5x the budget until it "
-        "truncates to it at half the run).",
+        "trainable parameters during the run (our method trains over-provisioned, 1.5x LoRA's "
+        "rank at the budget plus 1.5x the nonzeros of RoSA's even split, until it truncates to "
+        "the budget at half the run).",
         "",
     ]
     for r_eq in sorted({r["r_eq"] for r in rows}):
