@@ -270,6 +270,13 @@ def run_one(
     }
 
 
+def cell(row: dict) -> str:
+    """Mean ± std in percent; a setting whose seeds are still running shows its mean and count."""
+    if row["n_seeds"] < 2:
+        return f"{100 * row['mean']:.1f} (seed 0 only)"
+    return f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}"
+
+
 def adapter_bytes(model, method: str) -> int:
     """Bytes of the saved adapter file; for full fine-tuning, the fp32 weights it must store."""
     if method == "fft":
@@ -579,12 +586,7 @@ def write_report(
             lines.append(
                 f"| {method} | {any_row['trainable_params']:,} | "
                 f"{any_row['peak_trainable_params']:,} | {any_row['adapter_bytes']:,} | "
-                + " | ".join(
-                    f"{100 * cells[t]['mean']:.1f} ± {100 * cells[t]['std']:.1f}"
-                    if t in cells
-                    else "-"
-                    for t in tasks
-                )
+                + " | ".join(cell(cells[t]) if t in cells else "-" for t in tasks)
                 + f" | {avg} | {min(c['n_seeds'] for c in cells.values())} |"
             )
         lines.append("")
