@@ -148,9 +148,13 @@ class MaskSchedule:
         values, which start training when the masks are set, warm up linearly from there (with
         `restart_after_mask` the whole schedule restarts, warm-up included: no extra factor)."""
         warm = self.config.sparse_warmup_steps
-        if group != "sparse" or not warm or self.config.restart_after_mask:
-            return 1.0
-        if self.mask_step is None:  # masks not set yet: the values do not train
+        # before the masks are set the values do not train: nothing to scale
+        if (
+            group != "sparse"
+            or not warm
+            or self.config.restart_after_mask
+            or self.mask_step is None
+        ):
             return 1.0
         return min(1.0, (self.steps - self.mask_step + 1) / warm)
 

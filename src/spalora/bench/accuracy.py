@@ -71,7 +71,7 @@ class RunSpec:
 
     def key(self) -> str:
         parts = [CACHE_VERSION, asdict(self), train_key(self.train_config()), package_versions()]
-        revision = METHODS[self.method].revision if self.method in METHODS else 0
+        revision = METHODS[self.method].revision
         if revision:  # absent at 0, so the keys of methods never revised stay as they were
             parts.append({"method_revision": revision})
         blob = json.dumps(parts, sort_keys=True, default=str)

@@ -103,13 +103,14 @@ def _ours(**settings):
     def build(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
         from spalora import SpaloraConfig, get_spalora_model
 
-        r0 = math.ceil(1.5 * r_eq)  # start_rank="budget": 1.5x the rank all of P buys
+        c = 1.5
+        r0 = math.ceil(c * r_eq)  # start_rank="budget": c times the rank all of P buys
         cfg = SpaloraConfig(
             method="spalora",
             target_modules=list(LINEAR_NAMES),
             budget=f"r{r_eq}",
             rank_fraction=0.5,
-            overprovision=1.5,
+            overprovision=c,
             lora_alpha=2.0 * r0,  # scale 2, as every other method
             lora_dropout=0.0,
             mask_strategy=settings.get("mask_strategy", "fisher"),
@@ -121,6 +122,19 @@ def _ours(**settings):
         return get_spalora_model(model, cfg)
 
     return build
+
+
+def _ours_method(name: str, description: str, **settings) -> Method:
+    """Our method or one of its ablations: one revision and one sparse rate for all of them;
+    the ablations train at the rate chosen for `spalora`."""
+    return Method(
+        name,
+        _ours(**settings),
+        revision=2,
+        sparse_lr_ratio=ROSA_SPARSE_LR_RATIO,
+        lr_from="spalora" if settings else None,
+        description=description,
+    )
 
 
 def _full(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
@@ -192,44 +206,28 @@ METHODS: dict[str, Method] = {
             variants=rosa_splits,
             description="PEFT SupertuningConfig: rank + magnitude support; split on validation",
         ),
-        Method(
-            "spalora",
-            _ours(),
-            revision=2,
-            sparse_lr_ratio=ROSA_SPARSE_LR_RATIO,
-            description="ours: IRLS rank + sparsity penalties, global allocation, truncation",
+        _ours_method(
+            "spalora", "ours: IRLS rank + sparsity penalties, global allocation, truncation"
         ),
-        Method(
+        _ours_method(
             "spalora-rank-reg",
-            _ours(sparse_reg=0.0),
-            revision=2,
-            sparse_lr_ratio=ROSA_SPARSE_LR_RATIO,
-            lr_from="spalora",
-            description="ablation: rank penalty only (global allocation)",
+            "ablation: rank penalty only (global allocation)",
+            sparse_reg=0.0,
         ),
-        Method(
+        _ours_method(
             "spalora-sparse-reg",
-            _ours(rank_reg=0.0),
-            revision=2,
-            sparse_lr_ratio=ROSA_SPARSE_LR_RATIO,
-            lr_from="spalora",
-            description="ablation: sparsity penalty only (global allocation)",
+            "ablation: sparsity penalty only (global allocation)",
+            rank_reg=0.0,
         ),
-        Method(
+        _ours_method(
             "spalora-uniform",
-            _ours(allocation="uniform"),
-            revision=2,
-            sparse_lr_ratio=ROSA_SPARSE_LR_RATIO,
-            lr_from="spalora",
-            description="ablation: both penalties, RoSA's even split in every layer",
+            "ablation: both penalties, RoSA's even split in every layer",
+            allocation="uniform",
         ),
-        Method(
+        _ours_method(
             "spalora-residual",
-            _ours(mask_strategy="residual"),
-            revision=2,
-            sparse_lr_ratio=ROSA_SPARSE_LR_RATIO,
-            lr_from="spalora",
-            description="ablation: residual mask (gradient outside LoRA's subspace)",
+            "ablation: residual mask (gradient outside LoRA's subspace)",
+            mask_strategy="residual",
         ),
     )
 }
