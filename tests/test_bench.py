@@ -192,6 +192,17 @@ def test_selection_uses_validation_and_reuses_the_chosen_setting(tmp_path, monke
     assert "| diverged |" in md
 
 
+def test_report_states_the_test_sets_binomial_standard_error():
+    rows = [
+        {"task": "toy", "mean": m, "n_test": 400} for m in (0.1, 0.2, 0.3)  # median 0.2
+    ] + [{"task": "other", "mean": 0.5}]  # no test size recorded: left out
+    (line, blank) = accuracy.precision_note(rows, ["other", "toy"])
+    assert blank == ""
+    assert "toy: 400 test examples, ±2.0 points at 20% (a difference of two scores: ±2.8)" in line
+    assert "other" not in line
+    assert accuracy.precision_note(rows[3:], ["other"]) == []
+
+
 def test_full_fine_tuning_runs_are_shared_across_budgets(tmp_path, monkeypatch):
     calls = []
 

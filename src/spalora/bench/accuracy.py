@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -138,8 +139,6 @@ MAX_EXTENSIONS = 2  # grid points added past each edge at most
 
 def next_lr(lr: float, up: bool) -> float:
     """The next point of the 1-3-10 ladder above or below `lr` (1e-3 -> 3e-3 -> 1e-2)."""
-    import math
-
     exponent = math.floor(math.log10(lr) + 1e-9)
     mantissa = round(lr / 10**exponent)
     ladder = [1, 3]
@@ -439,6 +438,7 @@ def summarize(records: list[dict]) -> list[dict]:
                 "variant": dict(spec["variant"]),
                 "metric": recs[0]["result"]["metric"],
                 "validation": recs[0]["result"]["validation"],
+                "n_test": recs[0]["result"].get("n_test", 0),
             }
         )
     return rows
@@ -524,6 +524,33 @@ def plot_splits(splits: list[dict], path: Path) -> Path:
     return path
 
 
+def precision_note(rows: list[dict], tasks: list[str]) -> list[str]:
+    """How far apart two test scores must be to mean anything: the binomial standard error of
+    one run's score on each task's test set, at the task's median score over the table."""
+    parts = []
+    for task in tasks:
+        cells = [r for r in rows if r["task"] == task and r.get("n_test")]
+        if not cells:
+            continue
+        n = cells[0]["n_test"]
+        p = statistics.median(r["mean"] for r in cells if math.isfinite(r["mean"]))
+        se = 100 * math.sqrt(p * (1 - p) / n)
+        parts.append(
+            f"{task}: {n} test examples, ±{se:.1f} points at {100 * p:.0f}% "
+            f"(a difference of two scores: ±{math.sqrt(2) * se:.1f})"
+        )
+    if not parts:
+        return []
+    return [
+        "Precision of a test score (binomial standard error over the test set; a mean over "
+        "seeds averages out training noise, not the test set's): "
+        + "; ".join(parts)
+        + ". A gap between two methods under about twice its standard error is not evidence "
+        "that one is better.",
+        "",
+    ]
+
+
 def write_report(
     rows: list[dict],
     grid_rows: list[dict],
@@ -565,6 +592,7 @@ def write_report(
         "rank at the budget plus 1.5x the nonzeros of RoSA's even split, until it truncates to "
         "the budget at half the run).",
         "",
+        *precision_note(rows, tasks),
     ]
     for r_eq in sorted({r["r_eq"] for r in rows}):
         part = [r for r in rows if r["r_eq"] == r_eq]
