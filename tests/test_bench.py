@@ -194,7 +194,8 @@ def test_selection_uses_validation_and_reuses_the_chosen_setting(tmp_path, monke
 
 def test_report_states_the_test_sets_binomial_standard_error():
     rows = [
-        {"task": "toy", "mean": m, "n_test": 400} for m in (0.1, 0.2, 0.3)  # median 0.2
+        {"task": "toy", "mean": m, "n_test": 400}
+        for m in (0.1, 0.2, 0.3)  # median 0.2
     ] + [{"task": "other", "mean": 0.5}]  # no test size recorded: left out
     (line, blank) = accuracy.precision_note(rows, ["other", "toy"])
     assert blank == ""
