@@ -147,10 +147,24 @@ def test_speed_benchmark_on_a_saved_tiny_model(tmp_path):
         [c.strip() for c in line.strip("|").split("|")]
         for line in paths[0].read_text().splitlines()
         if line.startswith("| ") and not line.startswith(("| row", "| ---"))
-    ]
+    ][: len(speed.ROWS)]  # the first table; the per-round ratios follow
     base_mb = {cells[0]: float(cells[-1]) for cells in md_rows}  # last column of speed.md
     assert 0 < base_mb["rosa-int8"] < 0.35 * base_mb["rosa"] == 0.35 * base_mb["floor"]
     assert "Mask generation" in paths[0].read_text()
+    per_round = [line for line in paths[0].read_text().splitlines() if " | rosa | " in line]
+    assert [line.split(" | ")[0] for line in per_round] == ["| spalora", "| spalora-final"]
+
+
+def test_paired_ratio_cancels_a_slow_spell_that_hits_both_rows():
+    from spalora.bench import speed
+
+    # the machine slows 3x in the last two rounds; the row is 1.5x the reference throughout
+    times = {"row": [1.5, 1.5, 4.5, 4.5, 4.5], "ref": [1.0, 1.0, 3.0, 3.0, 3.0]}
+    assert speed.paired_ratio(times, "row", "ref") == pytest.approx((1.5, 1.5, 1.5))
+    times = {"row": [2.0, 4.0, 6.0, 8.0], "ref": [1.0, 2.0, 2.0, 4.0]}  # ratios 2, 2, 3, 2
+    assert speed.paired_ratio(times, "row", "ref") == pytest.approx((2.0, 2.0, 2.25))
+    with pytest.raises(ValueError):
+        speed.paired_ratio({"row": [1.0], "ref": [1.0, 2.0]}, "row", "ref")
 
 
 def test_selection_uses_validation_and_reuses_the_chosen_setting(tmp_path, monkeypatch):

@@ -53,6 +53,12 @@ CSV_COLUMNS = (
 )  # exactly the issue's columns; the base weights' size is in speed.md
 R_EQ = 8
 MASK_BATCHES = 8
+PAIRED = (  # (row, reference) ratios reported round by round: the issues' targets
+    ("lora", "peft-lora"),
+    ("rosa", "peft-lora"),
+    ("spalora", "rosa"),
+    ("spalora-final", "rosa"),
+)
 
 
 def fixed_batch(vocab: int, batch: int = 8, tokens: int = 128, seed: int = 0) -> dict:
@@ -135,6 +141,16 @@ def time_rows(rows, load_model, repeats: int, warmup: int = 2, progress: bool = 
             if i >= warmup:
                 times[row].append(time.perf_counter() - start)
     return times
+
+
+def paired_ratio(times: dict[str, list[float]], row: str, ref: str) -> tuple[float, float, float]:
+    """Median and quartiles of row/ref step-time ratios taken round by round: the two steps of a
+    round run back to back, so a slow spell of the machine hits both and cancels out."""
+    ratios = [a / b for a, b in zip(times[row], times[ref], strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q2, q1, q3
 
 
 def mask_generation(load_model) -> dict:
@@ -289,6 +305,20 @@ def run_speed(
             f"| {r['row']} | {r['step_s_median']} | {r['ratio_to_floor']} | "
             f"{r['ratio_to_peft_lora']} | {r['peak_rss_mb']} | {r['base_weights_mb']} |"
         )
+    pairs = [(row, ref) for row, ref in PAIRED if row in times and ref in times]
+    if pairs:
+        lines += [
+            "",
+            "Ratios taken round by round (each round runs every row once, back to back), "
+            "median [quartiles] over the rounds: less sensitive to the machine's slow spells "
+            "than the ratio of the medians above.",
+            "",
+            "| row | reference | ratio per round | quartiles |",
+            "| --- | --- | ---: | ---: |",
+        ]
+        for row, ref in pairs:
+            mid, q1, q3 = paired_ratio(times, row, ref)
+            lines.append(f"| {row} | {ref} | {mid:.3f} | {q1:.3f} - {q3:.3f} |")
     lines += [
         "",
         f"Mask generation (RoSA, Fisher, {MASK_BATCHES} micro-batches of 8 x 128 tokens during "
