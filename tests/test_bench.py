@@ -3,6 +3,7 @@ same budget, runs are cached by configuration, tables are rebuilt from the cache
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -155,6 +156,25 @@ def test_speed_benchmark_on_a_saved_tiny_model(tmp_path):
     assert [line.split(" | ")[0] for line in per_round] == ["| spalora", "| spalora-final"]
 
 
+def test_profile_script_runs_and_lists_the_extra_operators(tmp_path, monkeypatch):
+    """benchmarks/profile_step.py on a tiny saved model: one table per row and, for each row
+    after the first, the operators behind its extra time (the sparse gradient's for RoSA)."""
+    import runpy
+    import sys
+
+    folder = tmp_path / "tiny"
+    tiny_llama().save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_step.py"
+    argv = ["profile_step.py", "--rows", "lora,rosa", "--model", str(folder)]
+    monkeypatch.setattr(sys, "argv", argv + ["--out", str(tmp_path / "out"), "--top", "40"])
+    runpy.run_path(str(script), run_name="__main__")
+    md = (tmp_path / "out" / "profile_step.md").read_text()
+    assert "## lora" in md and "## rosa" in md
+    extra = md.split("### rosa over lora")[1].split("## rosa")[0]
+    assert "`aten::sparse_sampled_addmm`" in extra
+
+
 def test_paired_ratio_cancels_a_slow_spell_that_hits_both_rows():
     from spalora.bench import speed
 
@@ -268,8 +288,6 @@ def test_a_choice_on_the_grid_edge_extends_the_grid(tmp_path, monkeypatch):
 def test_committed_cache_files_are_still_found_under_their_keys():
     """A change to TrainConfig, RunSpec or the key must not silently orphan the committed runs
     (hours of CPU): every cached file's spec must hash to its own file name."""
-    from pathlib import Path
-
     from spalora.bench.accuracy import Profile, RunSpec
 
     root = Path(__file__).resolve().parents[1] / "benchmarks" / "cache" / "accuracy-full"
