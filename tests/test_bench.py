@@ -236,6 +236,9 @@ def test_report_states_the_test_sets_binomial_standard_error():
     assert "toy: 400 test examples, ±2.0 points at 20% (a difference of two scores: ±2.8)" in line
     assert "other" not in line
     assert accuracy.precision_note(rows[3:], ["other"]) == []
+    diverged = [{"task": "toy", "mean": float("nan"), "n_test": 400}]
+    assert accuracy.precision_note(diverged, ["toy"]) == []  # not a crash on an empty median
+    assert accuracy.precision_note(rows + diverged, ["toy"])[0] == line  # NaN row ignored
 
 
 def test_full_fine_tuning_runs_are_shared_across_budgets(tmp_path, monkeypatch):

@@ -529,11 +529,14 @@ def precision_note(rows: list[dict], tasks: list[str]) -> list[str]:
     one run's score on each task's test set, at the task's median score over the table."""
     parts = []
     for task in tasks:
-        cells = [r for r in rows if r["task"] == task and r.get("n_test")]
+        # a diverged seed makes its row's mean NaN: such rows say nothing about the score level
+        cells = [
+            r for r in rows if r["task"] == task and r.get("n_test") and math.isfinite(r["mean"])
+        ]
         if not cells:
             continue
         n = cells[0]["n_test"]
-        p = statistics.median(r["mean"] for r in cells if math.isfinite(r["mean"]))
+        p = statistics.median(r["mean"] for r in cells)
         se = 100 * math.sqrt(p * (1 - p) / n)
         parts.append(
             f"{task}: {n} test examples, ±{se:.1f} points at {100 * p:.0f}% "
