@@ -82,8 +82,12 @@ def test_quick_benchmark_runs_caches_and_reports(tmp_path, monkeypatch):
             # and its adapter is saved, with that split, for `spalora plot`
             saved = SpaloraConfig.load(r["saved_model"])
             assert {n: v[2] for n, v in r["allocation"].items()} == saved.rank_pattern
+            # the controller's log: refreshes (splits of the whole budget), then the cut
+            *refreshes, cut = r["budget_log"]
+            assert refreshes and all(0.0 <= e["rank_share"] <= 1.0 for e in refreshes)
+            assert 0.0 <= cut["truncated_fraction"] <= 1.0
         else:
-            assert r["allocation"] is None
+            assert r["allocation"] is None and r["budget_log"] is None
 
     def must_not_train(*args, **kw):
         raise AssertionError("a cached run was trained again")

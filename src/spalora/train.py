@@ -351,12 +351,15 @@ def train(
             log.close()
         if writer is not None:
             writer.close()
+    controller = getattr(schedule, "controller", None)  # PEFT and full models have no schedule
     return {
         "history": history,
         "train_seconds": time.perf_counter() - start,
         "steps_run": step,
         "mask_step": schedule.mask_step,
         "final_phase": schedule.phase,
+        # our method: how the budget was split at each refresh, and what the truncation cut
+        "budget_log": None if controller is None else list(controller.log),
         "resumed_from": resumed_from,
         "length_report": length_report,
         "world_size": world,

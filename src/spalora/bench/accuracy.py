@@ -214,7 +214,8 @@ def run_one(
     cfg = replace(spec.train_config(), progress=progress)
     started = time.perf_counter()
     try:
-        history = train(model, tokenizer, task.train, cfg)["history"]
+        trained = train(model, tokenizer, task.train, cfg)
+        history = trained["history"]
     except FloatingPointError as exc:  # diverged: cached as such, never selected
         return {
             "diverged": str(exc),
@@ -265,6 +266,7 @@ def run_one(
         "losses": [round(x, 4) for x in losses],  # the training curve, for diagnosis
         "saved_model": saved,
         "allocation": allocation,
+        "budget_log": trained.get("budget_log"),  # our method: refreshes and the cut, for diagnosis
         "versions": package_versions(),
     }
 

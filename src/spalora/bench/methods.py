@@ -220,6 +220,12 @@ METHODS: dict[str, Method] = {
             rank_reg=0.0,
         ),
         _ours_method(
+            "spalora-no-reg",
+            "control: neither penalty (allocation and truncation by magnitude alone)",
+            rank_reg=0.0,
+            sparse_reg=0.0,
+        ),
+        _ours_method(
             "spalora-uniform",
             "ablation: both penalties, RoSA's even split in every layer",
             allocation="uniform",
