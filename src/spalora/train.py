@@ -72,6 +72,7 @@ class NoSchedule:
     restarted = False
     resized = False
     mask_step = None
+    controller = None
 
     def step(self, optimizer) -> str:
         return self.phase
@@ -351,7 +352,6 @@ def train(
             log.close()
         if writer is not None:
             writer.close()
-    controller = getattr(schedule, "controller", None)  # PEFT and full models have no schedule
     return {
         "history": history,
         "train_seconds": time.perf_counter() - start,
@@ -359,7 +359,7 @@ def train(
         "mask_step": schedule.mask_step,
         "final_phase": schedule.phase,
         # our method: how the budget was split at each refresh, and what the truncation cut
-        "budget_log": None if controller is None else list(controller.log),
+        "budget_log": None if schedule.controller is None else list(schedule.controller.log),
         "resumed_from": resumed_from,
         "length_report": length_report,
         "world_size": world,

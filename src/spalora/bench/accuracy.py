@@ -266,7 +266,7 @@ def run_one(
         "losses": [round(x, 4) for x in losses],  # the training curve, for diagnosis
         "saved_model": saved,
         "allocation": allocation,
-        "budget_log": trained.get("budget_log"),  # our method: refreshes and the cut, for diagnosis
+        "budget_log": trained["budget_log"],  # our method: refreshes and the cut, for diagnosis
         "versions": package_versions(),
     }
 
