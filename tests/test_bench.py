@@ -111,6 +111,7 @@ def test_quick_benchmark_runs_caches_and_reports(tmp_path, monkeypatch):
     assert (split["task"], split["r_eq"], split["seeds"]) == ("toy", 2, 1)
     assert 0.0 < split["rank_share"] <= 1.0
     assert "## Our method's split" in md and "| toy | 2 | 1 |" in md
+    assert "## Our method's ablations" in md and "| 2 | toy | spalora-no-reg |" in md
     assert paths[3].name == "allocation.png" and paths[3].read_bytes()[:4] == b"\x89PNG"
 
 
@@ -332,3 +333,32 @@ def test_a_method_revision_retrains_only_that_method(monkeypatch):
     monkeypatch.setitem(methods.METHODS, "rosa", revised)
     assert key("rosa") != rosa
     assert key("lora") == lora
+
+
+def test_ablation_summary_pairs_by_seed_and_reads_the_controller_log():
+    def rec(method, seed, test, losses, cut=None, alloc=None):
+        log = None if cut is None else [{"rank_share": 0.8}, {"truncated_fraction": cut}]
+        result = {"test": test, "losses": losses, "budget_log": log, "allocation": alloc}
+        return {
+            "spec": {"method": method, "seed": seed, "task": "toy", "r_eq": 8},
+            "result": result,
+        }
+
+    alloc = {"a": [4, 6, 2, 5]}  # rank 2 costs 2 * (4 + 6) = 20, plus 5 nonzeros: 80% rank
+    records = [
+        rec("spalora", 0, 0.50, [9.0] * 8 + [1.0, 1.0], alloc=alloc),
+        rec("spalora", 1, 0.60, [9.0] * 8 + [2.0, 2.0], alloc=alloc),
+        rec("spalora-no-reg", 0, 0.40, [0.0] * 8 + [1.5, 1.5], cut=0.1),
+        rec("spalora-no-reg", 2, 0.90, [0.0] * 8 + [5.0, 5.0], cut=0.3),  # no partner seed
+        rec("lora", 0, 0.99, [0.0] * 10),  # not ours: left out
+    ]
+    ref, abl = accuracy.ablation_summary(records)
+    assert (ref["method"], ref["seeds"], ref["d_test"], ref["cut"]) == ("spalora", 2, None, None)
+    assert ref["tail_loss"] == 1.5 and ref["rank_share"] == 0.8  # last 20% = last 2 of 10 steps
+    assert abl["method"] == "spalora-no-reg" and abl["seeds"] == 2 and abl["pairs"] == 1
+    assert abl["d_test"] == pytest.approx(-0.1) and abl["d_loss"] == pytest.approx(0.5)
+    assert abl["cut"] == pytest.approx(0.2) and abl["rank_share"] is None
+    lines = accuracy.ablation_lines([ref, abl])
+    assert "| 8 | toy | spalora-no-reg | neither penalty" in lines[-1]
+    assert "| -10.0 | 3.250 | +0.500 | - | 20.0% |" in lines[-1]
+    assert accuracy.ablation_lines([]) == []

@@ -492,6 +492,110 @@ def split_summary(records: list[dict], method: str = "spalora") -> list[dict]:
     return out
 
 
+LOSS_TAIL = 0.2  # the training loss is compared over this last fraction of the steps
+
+
+def ablation_summary(records: list[dict], reference: str = "spalora") -> list[dict]:
+    """Our method and each of its ablations, per (r_eq, task): test score and training loss
+    over the last LOSS_TAIL of the run, both also as differences to `reference` paired by seed
+    (a seed fixes the batches, so a paired difference drops the data order's noise), with the
+    rank share of the final split and the share of the adapters' squared norm the cut removed.
+    The test score is noisy (see the precision note); the paired training loss is not, and
+    tells whether a part of the method changes what training reaches at all."""
+    ours = {reference} | {n for n, m in METHODS.items() if m.lr_from == reference}
+    by: dict[tuple[int, str, str], dict[int, dict]] = {}
+    for rec in records:
+        s = rec["spec"]
+        if s["method"] in ours:
+            key = (rec.get("budget", s["r_eq"]), s["task"], s["method"])
+            by.setdefault(key, {})[s["seed"]] = rec["result"]
+
+    def tail_loss(result: dict) -> float | None:
+        losses = result.get("losses")
+        if not losses:
+            return None
+        return statistics.fmean(losses[-max(1, round(LOSS_TAIL * len(losses))) :])
+
+    def cut(result: dict) -> float | None:
+        log = result.get("budget_log") or []
+        return next((e["truncated_fraction"] for e in log if "truncated_fraction" in e), None)
+
+    def rank_share(result: dict) -> float | None:
+        alloc = result.get("allocation")
+        if not alloc:
+            return None
+        rank = sum(r * (o + i) for o, i, r, _ in alloc.values())
+        return rank / max(1, sum(r * (o + i) + k for o, i, r, k in alloc.values()))
+
+    def mean_of(values) -> float | None:
+        values = [v for v in values if v is not None and math.isfinite(v)]
+        return statistics.fmean(values) if values else None
+
+    def paired(seeds: dict, ref: dict, value) -> tuple[float | None, int]:
+        common = [s for s in seeds if s in ref]
+        diffs = [(value(seeds[s]), value(ref[s])) for s in common]
+        diffs = [a - b for a, b in diffs if a is not None and b is not None]
+        return mean_of(diffs), len(diffs)
+
+    rows = []
+    order = list(METHODS)
+    for (r_eq, task, method), seeds in sorted(
+        by.items(), key=lambda kv: (kv[0][0], kv[0][1], order.index(kv[0][2]))
+    ):
+        ref = by.get((r_eq, task, reference), {})
+        d_test, n_pairs = paired(seeds, ref, lambda r: r["test"])
+        d_loss, _ = paired(seeds, ref, tail_loss)
+        rows.append(
+            {
+                "r_eq": r_eq,
+                "task": task,
+                "method": method,
+                "seeds": len(seeds),
+                "test": mean_of(r["test"] for r in seeds.values()),
+                "tail_loss": mean_of(tail_loss(r) for r in seeds.values()),
+                "d_test": None if method == reference else d_test,
+                "d_loss": None if method == reference else d_loss,
+                "pairs": n_pairs,
+                "rank_share": mean_of(rank_share(r) for r in seeds.values()),
+                "cut": mean_of(cut(r) for r in seeds.values()),
+                "cut_seeds": sum(cut(r) is not None for r in seeds.values()),
+            }
+        )
+    return rows
+
+
+def ablation_lines(rows: list[dict]) -> list[str]:
+    """The ablation table of accuracy.md."""
+    if not rows:
+        return []
+
+    def num(value: float | None, fmt: str, scale: float = 1.0) -> str:
+        return "-" if value is None else format(scale * value, fmt)
+
+    lines = [
+        "",
+        "## Our method's ablations (each at the learning rate chosen for spalora)",
+        "",
+        "Differences are to `spalora`, paired by seed (the same batches), averaged over the "
+        f"seeds both have. Training loss: mean over the last {LOSS_TAIL:.0%} of the steps. "
+        "Rank share: of the final budget. Cut: the share of the adapters' squared norm the "
+        "truncation removed ('-': the run predates that log).",
+        "",
+        "| r_eq | task | method | what it changes | seeds | test | Δ test | train loss | "
+        "Δ train loss | rank share | cut |",
+        "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        what = METHODS[r["method"]].description.split(": ", 1)[-1]
+        lines.append(
+            f"| {r['r_eq']} | {r['task']} | {r['method']} | {what} | {r['seeds']} | "
+            f"{num(r['test'], '.1f', 100)} | {num(r['d_test'], '+.1f', 100)} | "
+            f"{num(r['tail_loss'], '.3f')} | {num(r['d_loss'], '+.3f')} | "
+            f"{num(r['rank_share'], '.0%')} | {num(r['cut'], '.1%')} |"
+        )
+    return lines
+
+
 def plot_splits(splits: list[dict], path: Path) -> Path:
     """Mean rank and density per module type and per block, one line per (task, r_eq)."""
     import matplotlib
@@ -668,6 +772,7 @@ def write_report(
                 + " | ".join(cells)
                 + " |"
             )
+    lines += ablation_lines(ablation_summary(records or []))
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
     paths = [out / "accuracy.md", out / "accuracy.csv", plot_accuracy(rows, out / "accuracy.png")]
     if splits:
