@@ -3,6 +3,7 @@ same budget, runs are cached by configuration, tables are rebuilt from the cache
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,9 @@ def test_quick_benchmark_runs_caches_and_reports(tmp_path, monkeypatch):
     )
     assert len(records) == len(METHODS) == len(grid)  # quick: one setting, one seed each
     assert len(list(cache.glob("*.json"))) == len(METHODS)
+    for path in cache.glob("*.json"):  # each record states the method revision it trained at
+        record = json.loads(path.read_text())
+        assert record["revision"] == METHODS[record["spec"]["method"]].revision
     for rec in records:
         r = rec["result"]
         assert r["finite"] and 0.0 <= r["test"] <= 1.0 and r["n_test"] == 8
@@ -362,3 +366,48 @@ def test_ablation_summary_pairs_by_seed_and_reads_the_controller_log():
     assert "| 8 | toy | spalora-no-reg | neither penalty" in lines[-1]
     assert "| -10.0 | 3.250 | +0.500 | - | 20.0% |" in lines[-1]
     assert accuracy.ablation_lines([]) == []
+
+
+def test_our_method_keeps_loras_alpha_at_the_budget():
+    """Revision 3: the rank-ceil(1.5 r_eq) start trains at LoRA's alpha 2 r_eq (scale 4/3), so
+    a learning rate moves it as much as it moves LoRA at the budget."""
+    for r_eq in (2, 8):
+        model = build_method("spalora", tiny_llama(), r_eq, {"seed": 0})
+        layers = model.adapter_layers().values()
+        assert {layer.r for layer in layers} == {math.ceil(1.5 * r_eq)}
+        expected = 2 * r_eq / math.ceil(1.5 * r_eq)
+        assert all(layer.scale == pytest.approx(expected) for layer in layers)
+    assert METHODS["spalora"].revision == METHODS["spalora-no-reg"].revision == 3
+
+
+def test_loss_curves_script_windows_cached_runs_by_revision(tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+
+    cache = tmp_path / "cache"
+    (cache / "superseded").mkdir(parents=True)
+
+    def write(path, method, revision, seed, losses):
+        spec = {"method": method, "variant": [], "lr": 0.003, "seed": seed, "task": "toy"}
+        record = {"spec": spec | {"r_eq": 8}, "revision": revision, "result": {"losses": losses}}
+        path.write_text(json.dumps(record))
+
+    write(cache / "a.json", "spalora", 3, 0, [2.0] * 6 + [1.0] * 4)
+    write(cache / "b.json", "spalora", 3, 1, [4.0] * 6 + [3.0] * 4)
+    write(cache / "superseded" / "c.json", "spalora", 2, 0, [5.0] * 10)
+    write(cache / "d.json", "lora", 0, 0, [9.0] * 10)  # another method: filtered out
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "loss_curves.py"
+    argv = ["loss_curves.py", "--task", "toy", "--methods", "spalora", "--cache", str(cache)]
+    argv += ["--window", "5", "--plot", str(tmp_path / "curves.png")]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| spalora")]
+    # seeds averaged per revision: windows of 5 steps, then the last 20% (2 steps)
+    assert rows == [
+        "| spalora | 2 | - | 0.003 | 8 | 0 | 5.000 | 5.000 | 5.000 |",
+        "| spalora | 3 | - | 0.003 | 8 | 0,1 | 3.000 | 2.200 | 2.000 |",
+    ]
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setattr(sys, "argv", argv[:3] + ["--methods", "rosa", "--cache", str(cache)])
+    with pytest.raises(SystemExit, match="no cached runs"):
+        runpy.run_path(str(script), run_name="__main__")

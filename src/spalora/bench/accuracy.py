@@ -175,7 +175,10 @@ class Cache:
     def put(self, spec: RunSpec, result: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f"{spec.key()}.tmp"
-        tmp.write_text(json.dumps({"spec": asdict(spec), "result": result}, indent=1))
+        # the method's revision is in the key; the record states it too, so runs of different
+        # revisions can be told apart once superseded (benchmarks/loss_curves.py)
+        record = {"spec": asdict(spec), "revision": METHODS[spec.method].revision, "result": result}
+        tmp.write_text(json.dumps(record, indent=1))
         tmp.replace(self.root / f"{spec.key()}.json")
 
 
