@@ -47,13 +47,21 @@ def main() -> None:
     args = ap.parse_args()
     methods = args.methods.split(",") if args.methods else None
     groups = load(Path(args.cache), args.task, methods)
+    if args.chosen:  # before --seeds, so "--chosen --seeds 0" is seed 0 of the chosen settings
+        groups = {k: g for k, g in groups.items() if len(g) > 1}
     if args.seeds:
         keep = {int(x) for x in args.seeds.split(",")}
         groups = {k: {s: v for s, v in g.items() if s in keep} for k, g in groups.items()}
-    groups = {k: g for k, g in groups.items() if g and (len(g) > 1 or not args.chosen)}
+    groups = {k: g for k, g in groups.items() if g}
     if not groups:
         raise SystemExit(f"no cached runs with losses for task {args.task!r} and those filters")
-    steps = min(len(v) for g in groups.values() for v in g.values())
+    lengths = {len(v) for g in groups.values() for v in g.values()}
+    if len(lengths) > 1:
+        raise SystemExit(
+            f"the selected runs have different lengths ({sorted(lengths)} steps); "
+            "narrow them with --methods or --seeds"
+        )
+    (steps,) = lengths
     starts = list(range(0, steps - args.window + 1, args.window))
     print(f"Training loss on {args.task}, mean over the seeds listed, {args.window}-step windows")
     print()
@@ -64,9 +72,13 @@ def main() -> None:
     )
     print("| --- | --- | --- | ---: | ---: | --- | " + "---: | " * (len(starts) + 1))
     curves = {}
-    for key in sorted(
-        groups, key=lambda k: (list(METHODS).index(k[0]) if k[0] in METHODS else 99,) + k[1:]
-    ):
+
+    def order(key: tuple) -> tuple:
+        method, rev, variant, lr, r_eq = key
+        rank = list(METHODS).index(method) if method in METHODS else len(METHODS)
+        return rank, int(rev) if rev.isdigit() else -1, variant, lr, r_eq
+
+    for key in sorted(groups, key=order):
         runs = groups[key]
         mean = [statistics.fmean(v[i] for v in runs.values()) for i in range(steps)]
         curves[key] = mean

@@ -343,33 +343,39 @@ def test_ablation_summary_pairs_by_seed_and_reads_the_controller_log():
     def rec(method, seed, test, losses, cut=None, alloc=None):
         log = None if cut is None else [{"rank_share": 0.8}, {"truncated_fraction": cut}]
         result = {"test": test, "losses": losses, "budget_log": log, "allocation": alloc}
-        return {
-            "spec": {"method": method, "seed": seed, "task": "toy", "r_eq": 8},
-            "result": result,
-        }
+        spec = {"method": method, "seed": seed, "task": "toy", "r_eq": 8}
+        return {"spec": spec, "result": result}
 
     alloc = {"a": [4, 6, 2, 5]}  # rank 2 costs 2 * (4 + 6) = 20, plus 5 nonzeros: 80% rank
     records = [
         rec("spalora", 0, 0.50, [9.0] * 8 + [1.0, 1.0], alloc=alloc),
         rec("spalora", 1, 0.60, [9.0] * 8 + [2.0, 2.0], alloc=alloc),
+        rec("spalora", 3, 0.70, None, alloc=alloc),  # no curve recorded
         rec("spalora-no-reg", 0, 0.40, [0.0] * 8 + [1.5, 1.5], cut=0.1),
         rec("spalora-no-reg", 2, 0.90, [0.0] * 8 + [5.0, 5.0], cut=0.3),  # no partner seed
+        rec("spalora-no-reg", 3, 0.80, [0.0] * 10, cut=0.2),  # partner has no curve
+        rec("spalora-no-reg", 1, float("nan"), [float("nan")], cut=None),  # diverged
         rec("lora", 0, 0.99, [0.0] * 10),  # not ours: left out
     ]
     ref, abl = accuracy.ablation_summary(records)
-    assert (ref["method"], ref["seeds"], ref["d_test"], ref["cut"]) == ("spalora", 2, None, None)
-    assert ref["tail_loss"] == 1.5 and ref["rank_share"] == 0.8  # last 20% = last 2 of 10 steps
-    assert abl["method"] == "spalora-no-reg" and abl["seeds"] == 2 and abl["pairs"] == 1
-    assert abl["d_test"] == pytest.approx(-0.1) and abl["d_loss"] == pytest.approx(0.5)
+    assert (ref["method"], ref["seeds"], ref["d_test"], ref["cut"]) == ("spalora", 3, None, None)
+    assert ref["tail_loss"] == 1.5 and ref["rank_share"] == pytest.approx(
+        0.8
+    )  # last 20% = last 2 of 10 steps
+    assert (abl["method"], abl["seeds"], abl["diverged"]) == ("spalora-no-reg", 3, 1)
+    assert abl["pairs"] == 2 and abl["loss_pairs"] == 1  # seed 1 diverged: not a pair
+    assert abl["test"] == pytest.approx(0.7) and abl["d_test"] == pytest.approx(0.0)
+    assert abl["d_loss"] == pytest.approx(0.5) and abl["tail_loss"] == pytest.approx(6.5 / 3)
     assert abl["cut"] == pytest.approx(0.2) and abl["rank_share"] is None
     lines = accuracy.ablation_lines([ref, abl])
     assert "| 8 | toy | spalora-no-reg | neither penalty" in lines[-1]
-    assert "| -10.0 | 3.250 | +0.500 | - | 20.0% |" in lines[-1]
-    assert accuracy.ablation_lines([]) == []
+    assert "| 3 + 1 diverged | 2 | 70.0 | +0.0 | 2.167 | +0.500 (1) | - | 20.0% |" in lines[-1]
+    assert "| 3 | - | 60.0 | - | 1.500 | - | 80% | - |" in lines[-2]
+    assert accuracy.ablation_lines([ref]) == []  # no ablation yet: no section
 
 
 def test_our_method_keeps_loras_alpha_at_the_budget():
-    """Revision 3: the rank-ceil(1.5 r_eq) start trains at LoRA's alpha 2 r_eq (scale 4/3), so
+    """Revision 3: the rank-ceil(1.5 r_eq) start trains at LoRA's alpha 2 r_eq (scale 4/3 here), so
     a learning rate moves it as much as it moves LoRA at the budget."""
     for r_eq in (2, 8):
         model = build_method("spalora", tiny_llama(), r_eq, {"seed": 0})
@@ -408,6 +414,15 @@ def test_loss_curves_script_windows_cached_runs_by_revision(tmp_path, monkeypatc
         "| spalora | 3 | - | 0.003 | 8 | 0,1 | 3.000 | 2.200 | 2.000 |",
     ]
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # --chosen keeps settings trained with several seeds, then --seeds picks among them
+    monkeypatch.setattr(sys, "argv", argv[:5] + ["--cache", str(cache), "--chosen", "--seeds", "0"])
+    runpy.run_path(str(script), run_name="__main__")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| spalora")]
+    assert [row.split(" | ")[1:6] for row in rows] == [["3", "-", "0.003", "8", "0"]]
     monkeypatch.setattr(sys, "argv", argv[:3] + ["--methods", "rosa", "--cache", str(cache)])
     with pytest.raises(SystemExit, match="no cached runs"):
+        runpy.run_path(str(script), run_name="__main__")
+    write(cache / "e.json", "spalora", 3, 2, [1.0] * 4)  # a run of another length
+    monkeypatch.setattr(sys, "argv", argv[:5] + ["--cache", str(cache)])
+    with pytest.raises(SystemExit, match=r"different lengths \(\[4, 10\] steps\)"):
         runpy.run_path(str(script), run_name="__main__")

@@ -503,8 +503,9 @@ def ablation_summary(records: list[dict], reference: str = "spalora") -> list[di
     over the last LOSS_TAIL of the run, both also as differences to `reference` paired by seed
     (a seed fixes the batches, so a paired difference drops the data order's noise), with the
     rank share of the final split and the share of the adapters' squared norm the cut removed.
-    The test score is noisy (see the precision note); the paired training loss is not, and
-    tells whether a part of the method changes what training reaches at all."""
+    The test score is noisy (see the precision note); the paired training loss is far less so,
+    and tells whether a part of the method changes what training reaches at all. Diverged runs
+    (no finite test score) are counted apart and left out of every mean and pair."""
     ours = {reference} | {n for n, m in METHODS.items() if m.lr_from == reference}
     by: dict[tuple[int, str, str], dict[int, dict]] = {}
     for rec in records:
@@ -512,6 +513,9 @@ def ablation_summary(records: list[dict], reference: str = "spalora") -> list[di
         if s["method"] in ours:
             key = (rec.get("budget", s["r_eq"]), s["task"], s["method"])
             by.setdefault(key, {})[s["seed"]] = rec["result"]
+
+    def finite(result: dict) -> bool:
+        return math.isfinite(result["test"])
 
     def tail_loss(result: dict) -> float | None:
         losses = result.get("losses")
@@ -531,13 +535,12 @@ def ablation_summary(records: list[dict], reference: str = "spalora") -> list[di
         return rank / max(1, sum(r * (o + i) + k for o, i, r, k in alloc.values()))
 
     def mean_of(values) -> float | None:
-        values = [v for v in values if v is not None and math.isfinite(v)]
+        values = [v for v in values if v is not None]
         return statistics.fmean(values) if values else None
 
-    def paired(seeds: dict, ref: dict, value) -> tuple[float | None, int]:
-        common = [s for s in seeds if s in ref]
-        diffs = [(value(seeds[s]), value(ref[s])) for s in common]
-        diffs = [a - b for a, b in diffs if a is not None and b is not None]
+    def paired(runs: dict, ref: dict, value) -> tuple[float | None, int]:
+        pairs = [(value(runs[s]), value(ref[s])) for s in runs if s in ref]
+        diffs = [a - b for a, b in pairs if a is not None and b is not None]
         return mean_of(diffs), len(diffs)
 
     rows = []
@@ -545,55 +548,64 @@ def ablation_summary(records: list[dict], reference: str = "spalora") -> list[di
     for (r_eq, task, method), seeds in sorted(
         by.items(), key=lambda kv: (kv[0][0], kv[0][1], order.index(kv[0][2]))
     ):
-        ref = by.get((r_eq, task, reference), {})
-        d_test, n_pairs = paired(seeds, ref, lambda r: r["test"])
-        d_loss, _ = paired(seeds, ref, tail_loss)
+        runs = {s: r for s, r in seeds.items() if finite(r)}
+        ref = {s: r for s, r in by.get((r_eq, task, reference), {}).items() if finite(r)}
+        d_test, n_pairs = paired(runs, ref, lambda r: r["test"])
+        d_loss, n_loss_pairs = paired(runs, ref, tail_loss)
+        is_ref = method == reference
         rows.append(
             {
                 "r_eq": r_eq,
                 "task": task,
                 "method": method,
-                "seeds": len(seeds),
-                "test": mean_of(r["test"] for r in seeds.values()),
-                "tail_loss": mean_of(tail_loss(r) for r in seeds.values()),
-                "d_test": None if method == reference else d_test,
-                "d_loss": None if method == reference else d_loss,
-                "pairs": n_pairs,
-                "rank_share": mean_of(rank_share(r) for r in seeds.values()),
-                "cut": mean_of(cut(r) for r in seeds.values()),
-                "cut_seeds": sum(cut(r) is not None for r in seeds.values()),
+                "seeds": len(runs),
+                "diverged": len(seeds) - len(runs),
+                "test": mean_of(r["test"] for r in runs.values()),
+                "tail_loss": mean_of(tail_loss(r) for r in runs.values()),
+                "d_test": None if is_ref else d_test,
+                "d_loss": None if is_ref else d_loss,
+                "pairs": None if is_ref else n_pairs,
+                "loss_pairs": None if is_ref else n_loss_pairs,
+                "rank_share": mean_of(rank_share(r) for r in runs.values()),
+                "cut": mean_of(cut(r) for r in runs.values()),
             }
         )
     return rows
 
 
-def ablation_lines(rows: list[dict]) -> list[str]:
-    """The ablation table of accuracy.md."""
-    if not rows:
+def ablation_lines(rows: list[dict], reference: str = "spalora") -> list[str]:
+    """The ablation table of accuracy.md (nothing while no ablation has a run)."""
+    if all(r["method"] == reference for r in rows):
         return []
 
     def num(value: float | None, fmt: str, scale: float = 1.0) -> str:
-        return "-" if value is None else format(scale * value, fmt)
+        return "-" if value is None else format(value * scale if scale != 1.0 else value, fmt)
 
     lines = [
         "",
-        "## Our method's ablations (each at the learning rate chosen for spalora)",
+        f"## Our method's ablations (each at the learning rate chosen for {reference})",
         "",
-        "Differences are to `spalora`, paired by seed (the same batches), averaged over the "
-        f"seeds both have. Training loss: mean over the last {LOSS_TAIL:.0%} of the steps. "
-        "Rank share: of the final budget. Cut: the share of the adapters' squared norm the "
-        "truncation removed ('-': the run predates that log).",
+        f"Seeds: runs with a finite test score (diverged ones counted apart). Δ: difference to "
+        f"`{reference}` paired by seed (the same batches), averaged over the pairs. Training "
+        f"loss: mean over the last {LOSS_TAIL:.0%} of the steps (a Δ over fewer pairs than the "
+        "test's shows their number). Rank share: the share of the final split's parameters "
+        "spent on rank. Cut: the share of the adapters' squared norm the truncation removed. "
+        "'-': not recorded (the cut: runs from before the controller's log was kept).",
         "",
-        "| r_eq | task | method | what it changes | seeds | test | Δ test | train loss | "
-        "Δ train loss | rank share | cut |",
-        "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| r_eq | task | method | what it changes | seeds | paired | test | Δ test | "
+        "train loss | Δ train loss | rank share | cut |",
+        "| ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         what = METHODS[r["method"]].description.split(": ", 1)[-1]
+        seeds = f"{r['seeds']}" + (f" + {r['diverged']} diverged" if r["diverged"] else "")
+        d_loss = num(r["d_loss"], "+.3f")
+        if r["d_loss"] is not None and r["loss_pairs"] != r["pairs"]:
+            d_loss += f" ({r['loss_pairs']})"
         lines.append(
-            f"| {r['r_eq']} | {r['task']} | {r['method']} | {what} | {r['seeds']} | "
-            f"{num(r['test'], '.1f', 100)} | {num(r['d_test'], '+.1f', 100)} | "
-            f"{num(r['tail_loss'], '.3f')} | {num(r['d_loss'], '+.3f')} | "
+            f"| {r['r_eq']} | {r['task']} | {r['method']} | {what} | {seeds} | "
+            f"{num(r['pairs'], 'd')} | {num(r['test'], '.1f', 100)} | "
+            f"{num(r['d_test'], '+.1f', 100)} | {num(r['tail_loss'], '.3f')} | {d_loss} | "
             f"{num(r['rank_share'], '.0%')} | {num(r['cut'], '.1%')} |"
         )
     return lines
