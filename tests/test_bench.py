@@ -426,3 +426,10 @@ def test_loss_curves_script_windows_cached_runs_by_revision(tmp_path, monkeypatc
     monkeypatch.setattr(sys, "argv", argv[:5] + ["--cache", str(cache)])
     with pytest.raises(SystemExit, match=r"different lengths \(\[4, 10\] steps\)"):
         runpy.run_path(str(script), run_name="__main__")
+
+
+def test_a_cell_says_when_its_seeds_are_not_all_done():
+    row = {"mean": 0.225, "std": 0.042, "n_seeds": 2}
+    assert accuracy.cell(row, seeds=3) == "22.5 ± 4.2 (2 seeds)"
+    assert accuracy.cell(row | {"n_seeds": 3}, seeds=3) == "22.5 ± 4.2"
+    assert accuracy.cell(row | {"n_seeds": 1}, seeds=3) == "22.5 (seed 0 only)"

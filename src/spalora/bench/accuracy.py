@@ -274,11 +274,12 @@ def run_one(
     }
 
 
-def cell(row: dict) -> str:
-    """Mean ± std in percent; a setting whose seeds are still running shows its mean and count."""
+def cell(row: dict, seeds: int = 1) -> str:
+    """Mean ± std in percent; a setting with fewer than `seeds` seeds done says how many."""
     if row["n_seeds"] < 2:
         return f"{100 * row['mean']:.1f} (seed 0 only)"
-    return f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}"
+    text = f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}"
+    return text + (f" ({row['n_seeds']} seeds)" if row["n_seeds"] < seeds else "")
 
 
 def adapter_bytes(model, method: str) -> int:
@@ -699,6 +700,7 @@ def write_report(
         writer.writeheader()
         for r in rows:
             writer.writerow({**r, "mean": f"{r['mean']:.4f}", "std": f"{r['std']:.4f}"})
+    n_seeds = len(PROFILES[profile].seeds) if profile in PROFILES else 1
     tasks = sorted({r["task"] for r in rows})
     lines = [
         f"# Accuracy at equal budget ({profile} profile)",
@@ -738,7 +740,7 @@ def write_report(
             lines.append(
                 f"| {method} | {any_row['trainable_params']:,} | "
                 f"{any_row['peak_trainable_params']:,} | {any_row['adapter_bytes']:,} | "
-                + " | ".join(cell(cells[t]) if t in cells else "-" for t in tasks)
+                + " | ".join(cell(cells[t], n_seeds) if t in cells else "-" for t in tasks)
                 + f" | {avg} | {min(c['n_seeds'] for c in cells.values())} |"
             )
         lines.append("")
