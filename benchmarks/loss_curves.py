@@ -18,6 +18,7 @@ import json
 import statistics
 from pathlib import Path
 
+from spalora.bench.accuracy import LOSS_TAIL
 from spalora.bench.methods import METHODS
 
 
@@ -40,7 +41,9 @@ def main() -> None:
     ap.add_argument("--methods", help="comma-separated (default: all)")
     ap.add_argument("--cache", default="benchmarks/cache/accuracy-full")
     ap.add_argument("--window", type=int, default=15, help="steps per window")
-    ap.add_argument("--tail", type=float, default=0.2, help="last fraction of steps to average")
+    ap.add_argument(
+        "--tail", type=float, default=LOSS_TAIL, help="last fraction of steps to average"
+    )
     ap.add_argument("--seeds", help="only these seeds, e.g. 0 (default: all)")
     ap.add_argument("--chosen", action="store_true", help="only settings trained with >1 seed")
     ap.add_argument("--plot", help="also draw the curves to this PNG")

@@ -450,6 +450,12 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
+def rank_share(allocation: dict) -> float:
+    """The share of a final split's parameters spent on rank ({layer: [out, in, r, nnz]})."""
+    rank = sum(r * (o + i) for o, i, r, _ in allocation.values())
+    return rank / max(1, sum(r * (o + i) + k for o, i, r, k in allocation.values()))
+
+
 def split_summary(records: list[dict], method: str = "spalora") -> list[dict]:
     """How our method split the budget, per (task, r_eq), averaged over the chosen setting's
     seeds: the share of the budget spent on rank, and mean rank / density per module type."""
@@ -464,11 +470,7 @@ def split_summary(records: list[dict], method: str = "spalora") -> list[dict]:
     for (task, r_eq), allocs in sorted(groups.items()):
         kinds: dict[str, list[float]] = {}
         blocks: dict[str, list[float]] = {}
-        rank_share = []
         for alloc in allocs:
-            rank_params = sum(r * (o + i) for o, i, r, _ in alloc.values())
-            total = sum(r * (o + i) + k for o, i, r, k in alloc.values())
-            rank_share.append(rank_params / total)
             for name, (o, i, r, k) in alloc.items():
                 block, kind = block_and_kind(name)
                 kinds.setdefault(kind, []).append((r, k / (o * i)))
@@ -488,7 +490,7 @@ def split_summary(records: list[dict], method: str = "spalora") -> list[dict]:
                 "task": task,
                 "r_eq": r_eq,
                 "seeds": len(allocs),
-                "rank_share": statistics.fmean(rank_share),
+                "rank_share": statistics.fmean(rank_share(a) for a in allocs),
                 "by_kind": means(kinds),
                 "by_block": means(blocks),
             }
@@ -528,13 +530,6 @@ def ablation_summary(records: list[dict], reference: str = "spalora") -> list[di
         log = result.get("budget_log") or []
         return next((e["truncated_fraction"] for e in log if "truncated_fraction" in e), None)
 
-    def rank_share(result: dict) -> float | None:
-        alloc = result.get("allocation")
-        if not alloc:
-            return None
-        rank = sum(r * (o + i) for o, i, r, _ in alloc.values())
-        return rank / max(1, sum(r * (o + i) + k for o, i, r, k in alloc.values()))
-
     def mean_of(values) -> float | None:
         values = [v for v in values if v is not None]
         return statistics.fmean(values) if values else None
@@ -567,7 +562,10 @@ def ablation_summary(records: list[dict], reference: str = "spalora") -> list[di
                 "d_loss": None if is_ref else d_loss,
                 "pairs": None if is_ref else n_pairs,
                 "loss_pairs": None if is_ref else n_loss_pairs,
-                "rank_share": mean_of(rank_share(r) for r in runs.values()),
+                "rank_share": mean_of(
+                    rank_share(r["allocation"]) if r.get("allocation") else None
+                    for r in runs.values()
+                ),
                 "cut": mean_of(cut(r) for r in runs.values()),
             }
         )
@@ -580,7 +578,7 @@ def ablation_lines(rows: list[dict], reference: str = "spalora") -> list[str]:
         return []
 
     def num(value: float | None, fmt: str, scale: float = 1.0) -> str:
-        return "-" if value is None else format(value * scale if scale != 1.0 else value, fmt)
+        return "-" if value is None else format(scale * value, fmt)
 
     lines = [
         "",
@@ -605,7 +603,7 @@ def ablation_lines(rows: list[dict], reference: str = "spalora") -> list[str]:
             d_loss += f" ({r['loss_pairs']})"
         lines.append(
             f"| {r['r_eq']} | {r['task']} | {r['method']} | {what} | {seeds} | "
-            f"{num(r['pairs'], 'd')} | {num(r['test'], '.1f', 100)} | "
+            f"{'-' if r['pairs'] is None else r['pairs']} | {num(r['test'], '.1f', 100)} | "
             f"{num(r['d_test'], '+.1f', 100)} | {num(r['tail_loss'], '.3f')} | {d_loss} | "
             f"{num(r['rank_share'], '.0%')} | {num(r['cut'], '.1%')} |"
         )

@@ -102,9 +102,9 @@ def _ours(**settings):
 
     lora_alpha is LoRA's at the budget (2 r_eq), so the rank-ceil(1.5 r_eq) start trains at scale
     2 r_eq / ceil(1.5 r_eq) (4/3 at r_eq = 2 and 8): with Adam a LoRA update grows with the scale
-    and with the rank at a given learning rate, and at scale 2 the
-    over-provisioned start took larger steps than every other method at the same rate (training
-    loss 0.07 higher at the end of a paired run, arithmetic; docs/method.md)."""
+    and with the rank at a given learning rate, and at scale 2 the over-provisioned start took
+    larger steps than the other low-rank methods at the same rate (training loss 0.07 higher at
+    the end of a paired run, arithmetic; docs/method.md)."""
 
     def build(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
         from spalora import SpaloraConfig, get_spalora_model
