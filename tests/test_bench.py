@@ -116,6 +116,13 @@ def test_quick_benchmark_runs_caches_and_reports(tmp_path, monkeypatch):
     assert 0.0 < split["rank_share"] <= 1.0
     assert "## Our method's split" in md and "| toy | 2 | 1 |" in md
     assert "## Our method's ablations" in md and "| 2 | toy | spalora-no-reg |" in md
+    # every run kept which test examples it got right, so gaps can be paired by example
+    for rec in records:
+        bits = rec["result"]["test_correct"]
+        assert len(bits) == rec["result"]["n_test"] and set(bits) <= {"0", "1"}
+        assert bits.count("1") == round(rec["result"]["test"] * len(bits))
+    assert "## Paired test gaps" in md and "| 2 | toy | spalora - rosa | 1 |" in md
+    assert "| 2 | toy | spalora-no-reg - spalora | 1 |" in md
     assert paths[3].name == "allocation.png" and paths[3].read_bytes()[:4] == b"\x89PNG"
 
 
@@ -372,6 +379,30 @@ def test_ablation_summary_pairs_by_seed_and_reads_the_controller_log():
     assert "| 3 + 1 diverged | 2 | 70.0 | +0.0 | 2.167 | +0.500 (1) | - | 20.0% |" in lines[-1]
     assert "| 3 | - | 60.0 | - | 1.500 | - | 80% | - |" in lines[-2]
     assert accuracy.ablation_lines([ref]) == []  # no ablation yet: no section
+
+
+def test_paired_gap_takes_each_example_as_one_sample():
+    def run(bits):
+        return {"test_correct": bits}
+
+    a = {0: run("1100"), 1: run("1110"), 2: run("0000")}
+    b = {0: run("1000"), 1: run("1000"), 5: run("1111")}  # seed 5: no partner
+    gap = accuracy.paired_gap(a, b)
+    # per example, A's share of seeds 0 and 1 right minus B's: 0, 1, 1/2, 0
+    diffs = [0.0, 1.0, 0.5, 0.0]
+    mean = sum(diffs) / 4
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3 / 4)
+    assert (gap["seeds"], gap["n"]) == (2, 4)
+    assert gap["gap"] == pytest.approx(0.375) and gap["se"] == pytest.approx(se)
+    # identical runs differ nowhere: a zero gap with zero error, unlike two unpaired scores
+    same = accuracy.paired_gap(a, a)
+    assert same["gap"] == 0.0 and same["se"] == 0.0
+    # runs from before per-example results were kept, or on different test sets: no pair
+    assert accuracy.paired_gap({0: {"test": 0.5}}, b) is None
+    assert accuracy.paired_gap({0: run("10")}, b) is None
+    assert accuracy.correct_bits([{"correct": True}, {"correct": False}]) == "10"
+    assert accuracy.correct_bits([{"correct": 0.5}]) is None  # not right-or-wrong
+    assert accuracy.correct_bits([]) is None
 
 
 def test_our_method_keeps_loras_alpha_at_the_budget():

@@ -256,6 +256,7 @@ def run_one(
     return {
         "validation": v["value"],
         "test": t["value"],
+        "test_correct": correct_bits(t["predictions"]),  # per example, for paired gaps
         "metric": t["metric"],
         "n_validation": v["n"],
         "n_test": t["n"],
@@ -496,6 +497,91 @@ def split_summary(records: list[dict], method: str = "spalora") -> list[dict]:
             }
         )
     return out
+
+
+def correct_bits(predictions: list[dict]) -> str | None:
+    """Which test examples a run got right, as a string of 0s and 1s in test-set order (None
+    when the metric is not right-or-wrong per example)."""
+    marks = [p["correct"] for p in predictions]
+    if not marks or any(m not in (0, 1) for m in marks):
+        return None
+    return "".join("1" if m else "0" for m in marks)
+
+
+def paired_gap(a: dict[int, dict], b: dict[int, dict]) -> dict | None:
+    """Test score of A minus B on the same test examples, over the seeds both ran, with its
+    standard error over the examples. Each example's difference (A's share of seeds that got
+    it right minus B's) is one sample, so examples that both get right or both miss add no
+    noise: far tighter than the unpaired error of two scores when methods mostly agree.
+    None when either side lacks per-example results (runs recorded before they were kept)."""
+    seeds = sorted(
+        s
+        for s in set(a) & set(b)
+        if a[s].get("test_correct")
+        and b[s].get("test_correct")
+        and len(a[s]["test_correct"]) == len(b[s]["test_correct"])
+    )
+    if not seeds:
+        return None
+    n = len(a[seeds[0]]["test_correct"])
+    if any(len(a[s]["test_correct"]) != n for s in seeds):
+        return None
+    diff = [0.0] * n
+    for s in seeds:
+        for i, (x, y) in enumerate(zip(a[s]["test_correct"], b[s]["test_correct"], strict=True)):
+            diff[i] += (int(x) - int(y)) / len(seeds)
+    gap = statistics.fmean(diff)
+    se = statistics.stdev(diff) / math.sqrt(n) if n > 1 else math.inf
+    return {"gap": gap, "se": se, "n": n, "seeds": len(seeds)}
+
+
+def paired_gap_summary(records: list[dict], reference: str = "spalora") -> list[dict]:
+    """`reference` against every other method, and each of its ablations against it, per
+    (r_eq, task), where both kept per-example test results (see paired_gap)."""
+    ablations = {n for n, m in METHODS.items() if m.lr_from == reference}
+    by: dict[tuple[int, str], dict[str, dict[int, dict]]] = {}
+    for rec in records:
+        s = rec["spec"]
+        cell = by.setdefault((rec.get("budget", s["r_eq"]), s["task"]), {})
+        cell.setdefault(s["method"], {})[s["seed"]] = rec["result"]
+    order = list(METHODS)
+    rows = []
+    for (r_eq, task), methods in sorted(by.items()):
+        if reference not in methods:
+            continue
+        for other in sorted(methods, key=order.index):
+            if other == reference:
+                continue
+            a, b = (other, reference) if other in ablations else (reference, other)
+            gap = paired_gap(methods[a], methods[b])
+            if gap is not None:
+                rows.append({"r_eq": r_eq, "task": task, "a": a, "b": b, **gap})
+    return rows
+
+
+def paired_gap_lines(rows: list[dict]) -> list[str]:
+    """The paired-gap table of accuracy.md (nothing while no pair has per-example results)."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## Paired test gaps (the same test examples)",
+        "",
+        "A - B: the difference of the two methods' test scores, averaged over the seeds both "
+        "ran, with its standard error over the test examples when each example's difference is "
+        "taken as one sample (paired: examples both methods get right, or both miss, add no "
+        "noise). Only runs that kept per-example results take part; earlier runs did not.",
+        "",
+        "| r_eq | task | A - B | seeds | examples | gap (points) | paired SE | gap / SE |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        z = r["gap"] / r["se"] if r["se"] > 0 else math.nan
+        lines.append(
+            f"| {r['r_eq']} | {r['task']} | {r['a']} - {r['b']} | {r['seeds']} | {r['n']} | "
+            f"{100 * r['gap']:+.1f} | {100 * r['se']:.1f} | {z:+.1f} |"
+        )
+    return lines
 
 
 LOSS_TAIL = 0.2  # the training loss is compared over this last fraction of the steps
@@ -788,6 +874,7 @@ def write_report(
                 + " |"
             )
     lines += ablation_lines(ablation_summary(records or []))
+    lines += paired_gap_lines(paired_gap_summary(records or []))
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
     paths = [out / "accuracy.md", out / "accuracy.csv", plot_accuracy(rows, out / "accuracy.png")]
     if splits:
