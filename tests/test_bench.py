@@ -464,3 +464,54 @@ def test_a_cell_says_when_its_seeds_are_not_all_done():
     assert accuracy.cell(row, seeds=3) == "22.5 ± 4.2 (2 seeds)"
     assert accuracy.cell(row | {"n_seeds": 3}, seeds=3) == "22.5 ± 4.2"
     assert accuracy.cell(row | {"n_seeds": 1}, seeds=3) == "22.5 (seed 0 only)"
+
+
+def test_backfill_adds_per_example_results_only_when_the_score_is_reproduced(
+    tmp_path, monkeypatch, capsys
+):
+    import runpy
+    import sys
+
+    import torch
+
+    from spalora import SpaloraConfig, get_spalora_model
+    from spalora.evaluate import evaluate_task
+
+    model = get_spalora_model(tiny_llama(), SpaloraConfig(method="lora", r=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)  # an adapter that changes the predictions
+    saved = tmp_path / "adapter"
+    model.save_pretrained(saved)
+    def even_word(prediction, target):  # right or wrong per example, whatever the training
+        words = prediction.split()
+        return bool(words) and int(words[0][1:]) % 2 == 0
+
+    task = Task("toy", WORD_EXAMPLES[:8], [], WORD_EXAMPLES[8:], None, 2, score=even_word)
+    truth = evaluate_task(model, word_tokenizer(), task, task.test, progress=False)
+    bits = "".join("1" if p["correct"] else "0" for p in truth["predictions"])
+    assert 0 < bits.count("1") < len(bits)  # a test that could tell the examples apart
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+
+    def write(name, method, test):
+        spec = {"method": method, "task": "toy", "r_eq": 2, "lr": 0.003, "seed": 0}
+        result = {"test": test, "saved_model": str(saved)}
+        (cache / name).write_text(json.dumps({"spec": spec | {"model": "tiny"}, "result": result}))
+
+    write("ours.json", "spalora", truth["value"])
+    write("stale.json", "spalora", truth["value"] + 0.125)  # its saved model was overwritten
+    write("other.json", "lora", truth["value"])  # not asked for
+    monkeypatch.setattr("spalora.hub.load_model_and_tokenizer", tiny)
+    monkeypatch.setattr("spalora.tasks.get_task", lambda name, seed: task)
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "backfill_test_correct.py"
+    argv = ["backfill_test_correct.py", "--cache", str(cache), "--methods", "spalora"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "reproduced" in out and "is not this run's" in out
+    assert json.loads((cache / "ours.json").read_text())["result"]["test_correct"] == bits
+    assert "test_correct" not in json.loads((cache / "stale.json").read_text())["result"]
+    assert "test_correct" not in json.loads((cache / "other.json").read_text())["result"]
