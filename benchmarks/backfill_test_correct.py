@@ -54,7 +54,10 @@ def main() -> None:
             continue
         if (args.task and spec["task"] != args.task) or (args.lr and spec["lr"] != args.lr):
             continue
-        label = f"{spec['method']} {spec['task']} r{spec['r_eq']} lr {spec['lr']:g} seed {spec['seed']}"
+        label = (
+            f"{spec['method']} {spec['task']} r{spec['r_eq']} lr {spec['lr']:g} "
+            f"seed {spec['seed']}"
+        )
         if not Path(saved).is_dir():
             print(f"{label}: saved model {saved} is gone; left as it is")
             continue
