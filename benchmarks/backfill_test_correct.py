@@ -54,10 +54,8 @@ def main() -> None:
             continue
         if (args.task and spec["task"] != args.task) or (args.lr and spec["lr"] != args.lr):
             continue
-        label = (
-            f"{spec['method']} {spec['task']} r{spec['r_eq']} lr {spec['lr']:g} "
-            f"seed {spec['seed']}"
-        )
+        lr, seed = spec["lr"], spec["seed"]
+        label = f"{spec['method']} {spec['task']} r{spec['r_eq']} lr {lr:g} seed {seed}"
         if not Path(saved).is_dir():
             print(f"{label}: saved model {saved} is gone; left as it is")
             continue

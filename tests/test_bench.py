@@ -484,6 +484,7 @@ def test_backfill_adds_per_example_results_only_when_the_score_is_reproduced(
                 p.normal_(0.0, 0.5)  # an adapter that changes the predictions
     saved = tmp_path / "adapter"
     model.save_pretrained(saved)
+
     def even_word(prediction, target):  # right or wrong per example, whatever the training
         words = prediction.split()
         return bool(words) and int(words[0][1:]) % 2 == 0
