@@ -471,6 +471,7 @@ def test_backfill_adds_per_example_results_only_when_the_score_is_reproduced(
 ):
     import runpy
     import sys
+    from dataclasses import asdict, replace
 
     import torch
 
@@ -489,30 +490,53 @@ def test_backfill_adds_per_example_results_only_when_the_score_is_reproduced(
         words = prediction.split()
         return bool(words) and int(words[0][1:]) % 2 == 0
 
-    task = Task("toy", WORD_EXAMPLES[:8], [], WORD_EXAMPLES[8:], None, 2, score=even_word)
+    task = Task(
+        "toy",
+        WORD_EXAMPLES[:48],
+        WORD_EXAMPLES[48:56],
+        WORD_EXAMPLES[56:],
+        None,
+        2,
+        score=even_word,
+    )
     truth = evaluate_task(model, word_tokenizer(), task, task.test, progress=False)
     bits = "".join("1" if p["correct"] else "0" for p in truth["predictions"])
     assert 0 < bits.count("1") < len(bits)  # a test that could tell the examples apart
 
     cache = tmp_path / "cache"
     cache.mkdir()
+    quick = accuracy.PROFILES["quick"]
+    lora = accuracy.RunSpec("lora", (), 0.003, 0, "toy", 2, quick, "tiny")
+    trained = accuracy.run_one(lora, tiny, lambda name: task, progress=False)
 
-    def write(name, method, test):
-        spec = {"method": method, "task": "toy", "r_eq": 2, "lr": 0.003, "seed": 0}
-        result = {"test": test, "saved_model": str(saved)}
-        (cache / name).write_text(json.dumps({"spec": spec | {"model": "tiny"}, "result": result}))
+    def write(name, spec, result):
+        result = {k: v for k, v in result.items() if k != "test_correct"}
+        (cache / f"{name}.json").write_text(json.dumps({"spec": asdict(spec), "result": result}))
 
-    write("ours.json", "spalora", truth["value"])
-    write("stale.json", "spalora", truth["value"] + 0.125)  # its saved model was overwritten
-    write("other.json", "lora", truth["value"])  # not asked for
+    ours = replace(lora, method="spalora")
+    write("ours", ours, {"test": truth["value"], "saved_model": str(saved)})
+    # its saved model was overwritten by a later run: the score is not reproduced
+    write(
+        "stale", replace(ours, seed=1), {"test": truth["value"] + 0.125, "saved_model": str(saved)}
+    )
+    write(lora.key(), lora, trained)  # no saved model: only --retrain can fill it in
+    write("renamed", replace(lora, seed=1), trained)  # its key is not its configuration's
     monkeypatch.setattr("spalora.hub.load_model_and_tokenizer", tiny)
     monkeypatch.setattr("spalora.tasks.get_task", lambda name, seed: task)
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "backfill_test_correct.py"
-    argv = ["backfill_test_correct.py", "--cache", str(cache), "--methods", "spalora"]
-    monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(str(script), run_name="__main__")
-    out = capsys.readouterr().out
-    assert "reproduced" in out and "is not this run's" in out
-    assert json.loads((cache / "ours.json").read_text())["result"]["test_correct"] == bits
-    assert "test_correct" not in json.loads((cache / "stale.json").read_text())["result"]
-    assert "test_correct" not in json.loads((cache / "other.json").read_text())["result"]
+
+    def backfill(*flags):
+        argv = ["backfill_test_correct.py", "--cache", str(cache), *flags]
+        monkeypatch.setattr(sys, "argv", argv)
+        runpy.run_path(str(script), run_name="__main__")
+        return capsys.readouterr().out
+
+    def kept(name):
+        return json.loads((cache / f"{name}.json").read_text())["result"].get("test_correct")
+
+    out = backfill("--methods", "spalora,lora")
+    assert "reproduced" in out and "not this run's" in out and "--retrain trains it" in out
+    assert kept("ours") == bits and kept("stale") is None and kept(lora.key()) is None
+    out = backfill("--methods", "lora", "--retrain")
+    assert "no longer gives its key" in out and kept("renamed") is None
+    assert kept(lora.key()) == trained["test_correct"]  # the retrain reproduced the run

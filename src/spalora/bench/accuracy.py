@@ -98,6 +98,22 @@ class RunSpec:
         return f"{self.task} r_eq={self.r_eq} {name} lr={self.lr:g} seed={self.seed}"
 
 
+def spec_from_dict(d: dict) -> RunSpec:
+    """The RunSpec that a cache record's `spec` (its asdict) was written from."""
+    profile = dict(d["profile"]) | {"seeds": tuple(d["profile"]["seeds"])}
+    variant = tuple((str(k), v) for k, v in d["variant"])
+    return RunSpec(
+        d["method"],
+        variant,
+        d["lr"],
+        d["seed"],
+        d["task"],
+        d["r_eq"],
+        Profile(**profile),
+        d["model"],
+    )
+
+
 # TrainConfig's fields when the cache began: always in the key. A field added since enters the
 # key only when set away from its default, so adding an option (e.g. `distributed`) leaves the
 # cached runs valid while a run that uses it gets a key of its own.
