@@ -94,7 +94,9 @@ def main() -> None:
         if args.dry_run:
             print(f"{label}: would {'score ' + saved if has_model else 'train it again'}")
             continue
-        task = tasks.setdefault(spec["task"], get_task(spec["task"], seed=0))
+        if spec["task"] not in tasks:  # built once per task, not once per run
+            tasks[spec["task"]] = get_task(spec["task"], seed=0)
+        task = tasks[spec["task"]]
         if has_model:
             model, tokenizer = load_trained(spec["method"], spec["model"], saved)
             scored = evaluate_task(model, tokenizer, task, task.test, progress=False, desc="test")

@@ -17,7 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -551,27 +551,34 @@ def paired_gap(a: dict[int, dict], b: dict[int, dict]) -> dict | None:
     return {"gap": gap, "se": se, "n": n, "seeds": len(seeds)}
 
 
+def results_by_seed(records: Iterable[dict]) -> dict[tuple[int, str, str], dict[int, dict]]:
+    """{(r_eq, task, method): {seed: result}}: the runs of one setting, for pairing by seed."""
+    by: dict[tuple[int, str, str], dict[int, dict]] = {}
+    for rec in records:
+        s = rec["spec"]
+        key = (rec.get("budget", s["r_eq"]), s["task"], s["method"])
+        by.setdefault(key, {})[s["seed"]] = rec["result"]
+    return by
+
+
 def paired_gap_summary(records: list[dict], reference: str = "spalora") -> list[dict]:
     """`reference` against every other method, and each of its ablations against it, per
     (r_eq, task), where both kept per-example test results (see paired_gap)."""
     ablations = {n for n, m in METHODS.items() if m.lr_from == reference}
-    by: dict[tuple[int, str], dict[str, dict[int, dict]]] = {}
-    for rec in records:
-        s = rec["spec"]
-        cell = by.setdefault((rec.get("budget", s["r_eq"]), s["task"]), {})
-        cell.setdefault(s["method"], {})[s["seed"]] = rec["result"]
+    by = results_by_seed(records)
     order = list(METHODS)
     rows = []
-    for (r_eq, task), methods in sorted(by.items()):
-        if reference not in methods:
+    for (r_eq, task, other), runs in sorted(
+        by.items(), key=lambda kv: (kv[0][0], kv[0][1], order.index(kv[0][2]))
+    ):
+        ref = by.get((r_eq, task, reference))
+        if other == reference or ref is None:
             continue
-        for other in sorted(methods, key=order.index):
-            if other == reference:
-                continue
-            a, b = (other, reference) if other in ablations else (reference, other)
-            gap = paired_gap(methods[a], methods[b])
-            if gap is not None:
-                rows.append({"r_eq": r_eq, "task": task, "a": a, "b": b, **gap})
+        a, b = (runs, ref) if other in ablations else (ref, runs)
+        gap = paired_gap(a, b)
+        if gap is not None:
+            names = (other, reference) if other in ablations else (reference, other)
+            rows.append({"r_eq": r_eq, "task": task, "a": names[0], "b": names[1], **gap})
     return rows
 
 
@@ -612,12 +619,7 @@ def ablation_summary(records: list[dict], reference: str = "spalora") -> list[di
     and tells whether a part of the method changes what training reaches at all. Diverged runs
     (no finite test score) are counted apart and left out of every mean and pair."""
     ours = {reference} | {n for n, m in METHODS.items() if m.lr_from == reference}
-    by: dict[tuple[int, str, str], dict[int, dict]] = {}
-    for rec in records:
-        s = rec["spec"]
-        if s["method"] in ours:
-            key = (rec.get("budget", s["r_eq"]), s["task"], s["method"])
-            by.setdefault(key, {})[s["seed"]] = rec["result"]
+    by = results_by_seed(r for r in records if r["spec"]["method"] in ours)
 
     def finite(result: dict) -> bool:
         return math.isfinite(result["test"])
