@@ -574,11 +574,11 @@ def paired_gap_summary(records: list[dict], reference: str = "spalora") -> list[
         ref = by.get((r_eq, task, reference))
         if other == reference or ref is None:
             continue
-        a, b = (runs, ref) if other in ablations else (ref, runs)
-        gap = paired_gap(a, b)
+        pair = ((other, runs), (reference, ref))  # an ablation minus ours, else ours minus it
+        (a, a_runs), (b, b_runs) = pair if other in ablations else pair[::-1]
+        gap = paired_gap(a_runs, b_runs)
         if gap is not None:
-            names = (other, reference) if other in ablations else (reference, other)
-            rows.append({"r_eq": r_eq, "task": task, "a": names[0], "b": names[1], **gap})
+            rows.append({"r_eq": r_eq, "task": task, "a": a, "b": b, **gap})
     return rows
 
 
