@@ -593,7 +593,11 @@ def paired_gap_lines(rows: list[dict]) -> list[str]:
         "A - B: the difference of the two methods' test scores, averaged over the seeds both "
         "ran, with its standard error over the test examples when each example's difference is "
         "taken as one sample (paired: examples both methods get right, or both miss, add no "
-        "noise). Only runs that kept per-example results take part; earlier runs did not.",
+        "noise). Only runs that kept per-example results take part; earlier runs did not. "
+        "The paired SE counts the test set's sampling only, not training noise: two runs "
+        "with the same batches whose paths drift apart (any change to the method does that) "
+        "differ by chance too, so a gap needs to hold across seeds and tasks, not just "
+        "exceed this SE, before it says one method is better.",
         "",
         "| r_eq | task | A - B | seeds | examples | gap (points) | paired SE | gap / SE |",
         "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
