@@ -394,6 +394,10 @@ def test_paired_gap_takes_each_example_as_one_sample():
     se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3 / 4)
     assert (gap["seeds"], gap["n"]) == (2, 4)
     assert gap["gap"] == pytest.approx(0.375) and gap["se"] == pytest.approx(se)
+    # seed 0: 1100 - 1000 = +1/4; seed 1: 1110 - 1000 = +2/4; their mean is the gap
+    assert gap["per_seed"] == pytest.approx([0.25, 0.5])
+    line = accuracy.paired_gap_lines([{"r_eq": 2, "task": "toy", "a": "x", "b": "y", **gap}])[-1]
+    assert line == "| 2 | toy | x - y | 2 | 4 | +37.5 | 23.9 | +1.6 | +25.0 / +50.0 |"
     # identical runs differ nowhere: a zero gap with zero error, unlike two unpaired scores
     same = accuracy.paired_gap(a, a)
     assert same["gap"] == 0.0 and same["se"] == 0.0

@@ -529,6 +529,7 @@ def paired_gap(a: dict[int, dict], b: dict[int, dict]) -> dict | None:
     standard error over the examples. Each example's difference (A's share of seeds that got
     it right minus B's) is one sample, so examples that both get right or both miss add no
     noise: far tighter than the unpaired error of two scores when methods mostly agree.
+    `per_seed` is the gap of each seed's pair (in seed order): whether it holds across seeds.
     None when either side lacks per-example results (runs recorded before they were kept)."""
     seeds = sorted(
         s
@@ -543,12 +544,16 @@ def paired_gap(a: dict[int, dict], b: dict[int, dict]) -> dict | None:
     if any(len(a[s]["test_correct"]) != n for s in seeds):
         return None
     diff = [0.0] * n
+    per_seed = []
     for s in seeds:
-        for i, (x, y) in enumerate(zip(a[s]["test_correct"], b[s]["test_correct"], strict=True)):
-            diff[i] += (int(x) - int(y)) / len(seeds)
+        pairs = zip(a[s]["test_correct"], b[s]["test_correct"], strict=True)
+        d = [int(x) - int(y) for x, y in pairs]
+        per_seed.append(sum(d) / n)
+        for i, di in enumerate(d):
+            diff[i] += di / len(seeds)
     gap = statistics.fmean(diff)
     se = statistics.stdev(diff) / math.sqrt(n) if n > 1 else math.inf
-    return {"gap": gap, "se": se, "n": n, "seeds": len(seeds)}
+    return {"gap": gap, "se": se, "n": n, "seeds": len(seeds), "per_seed": per_seed}
 
 
 def results_by_seed(records: Iterable[dict]) -> dict[tuple[int, str, str], dict[int, dict]]:
@@ -597,16 +602,19 @@ def paired_gap_lines(rows: list[dict]) -> list[str]:
         "The paired SE counts the test set's sampling only, not training noise: two runs "
         "with the same batches whose paths drift apart (any change to the method does that) "
         "differ by chance too, so a gap needs to hold across seeds and tasks, not just "
-        "exceed this SE, before it says one method is better.",
+        "exceed this SE, before it says one method is better. The last column is the gap of "
+        "each seed's pair on its own (seeds in order): it shows whether the gap holds.",
         "",
-        "| r_eq | task | A - B | seeds | examples | gap (points) | paired SE | gap / SE |",
-        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| r_eq | task | A - B | seeds | examples | gap (points) | paired SE | gap / SE "
+        "| per seed |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         z = r["gap"] / r["se"] if r["se"] > 0 else math.nan
+        each = " / ".join(f"{100 * g:+.1f}" for g in r["per_seed"])
         lines.append(
             f"| {r['r_eq']} | {r['task']} | {r['a']} - {r['b']} | {r['seeds']} | {r['n']} | "
-            f"{100 * r['gap']:+.1f} | {100 * r['se']:.1f} | {z:+.1f} |"
+            f"{100 * r['gap']:+.1f} | {100 * r['se']:.1f} | {z:+.1f} | {each} |"
         )
     return lines
 
