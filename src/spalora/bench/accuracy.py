@@ -543,14 +543,12 @@ def paired_gap(a: dict[int, dict], b: dict[int, dict]) -> dict | None:
     n = len(a[seeds[0]]["test_correct"])
     if any(len(a[s]["test_correct"]) != n for s in seeds):
         return None
-    diff = [0.0] * n
-    per_seed = []
-    for s in seeds:
-        pairs = zip(a[s]["test_correct"], b[s]["test_correct"], strict=True)
-        d = [int(x) - int(y) for x, y in pairs]
-        per_seed.append(sum(d) / n)
-        for i, di in enumerate(d):
-            diff[i] += di / len(seeds)
+    by_seed = [  # one row per seed: each example's difference, A right minus B right
+        [int(x) - int(y) for x, y in zip(a[s]["test_correct"], b[s]["test_correct"], strict=True)]
+        for s in seeds
+    ]
+    diff = [statistics.fmean(col) for col in zip(*by_seed, strict=True)]  # per example
+    per_seed = [statistics.fmean(row) for row in by_seed]
     gap = statistics.fmean(diff)
     se = statistics.stdev(diff) / math.sqrt(n) if n > 1 else math.inf
     return {"gap": gap, "se": se, "n": n, "seeds": len(seeds), "per_seed": per_seed}
