@@ -18,5 +18,6 @@ for methods in "$@"; do
   echo "$(date -u +%FT%TZ) start $methods" >> "$log.log"
   .venv/bin/spalora bench accuracy --profile full --budgets "$budget" --tasks "$task" \
     --methods "$methods" --no-progress >> "$log.log" 2>> "$log.err"
-  echo "$(date -u +%FT%TZ) exit $? $methods" >> "$log.log"
+  rc=$?  # before any other expansion: $(date) would reset $?
+  echo "$(date -u +%FT%TZ) exit $rc $methods" >> "$log.log"
 done

@@ -45,7 +45,7 @@ def test_every_method_stays_within_the_budget(method, r_eq):
     for fraction in fractions:
         built = build_method(method, tiny_llama(), r_eq, {"rank_fraction": fraction, "seed": 0})
         n = trainable_params(built)
-        if method in ("lora", "sparse", "rosa", "peft-lora", "peft-shira"):
+        if method in ("lora", "sparse", "sparse-random", "rosa", "peft-lora", "peft-shira"):
             assert n == budget, fraction  # these land exactly on P
         elif method == "peft-supra":  # rank plus one global sparsity, floored per layer
             assert budget - 14 <= n <= budget, fraction
@@ -544,3 +544,19 @@ def test_backfill_adds_per_example_results_only_when_the_score_is_reproduced(
     out = backfill("--methods", "lora", "--retrain")
     assert "no longer gives its key" in out and kept("renamed") is None
     assert kept(lora.key()) == trained["test_correct"]  # the retrain reproduced the run
+
+
+def test_a_control_is_paired_with_the_methods_it_names():
+    """`sparse-random` is ShiRA's support in our code: the report pairs it with PEFT ShiRA and
+    with our Fisher-mask sparse-only, besides our method - it as for every other method."""
+    bits = {"spalora": "1100", "peft-shira": "1110", "sparse": "1000", "sparse-random": "1111"}
+    records = [
+        {"spec": {"r_eq": 2, "task": "toy", "method": m, "seed": 0}, "result": {"test_correct": b}}
+        for m, b in bits.items()
+    ]
+    rows = {(r["a"], r["b"]): r["gap"] for r in accuracy.paired_gap_summary(records)}
+    assert rows[("sparse-random", "peft-shira")] == pytest.approx(0.25)
+    assert rows[("sparse-random", "sparse")] == pytest.approx(0.75)
+    assert rows[("spalora", "sparse-random")] == pytest.approx(-0.5)
+    assert len(rows) == 5  # ours against the three others, and the control's two pairs
+    assert METHODS["sparse-random"].compare_with == ("peft-shira", "sparse")

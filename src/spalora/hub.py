@@ -97,9 +97,7 @@ def smollm2_folder(progress: bool = True) -> Path:
         (tmp / "spalora_source.json").write_text(
             json.dumps({"gguf": gguf.name, "package": SMOLLM2_PIN}, indent=2)
         )
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: a killed conversion never leaves a half folder
+        publish_folder(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -110,6 +108,17 @@ def smollm2_folder(progress: bool = True) -> Path:
             flush=True,
         )
     return target
+
+
+def publish_folder(tmp: Path, target: Path) -> None:
+    """Move a finished conversion into place atomically, so a killed conversion never leaves a
+    half folder. When another process published a complete folder first (two runs started at
+    once), theirs is kept: replacing it would pull it from under a reader that already uses it."""
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return
+    if target.exists():  # a half folder left by a conversion of an older spalora
+        shutil.rmtree(target)
+    os.replace(tmp, target)
 
 
 def hub_id(name_or_path: str | None) -> str | None:

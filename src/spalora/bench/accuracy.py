@@ -565,8 +565,9 @@ def results_by_seed(records: Iterable[dict]) -> dict[tuple[int, str, str], dict[
 
 
 def paired_gap_summary(records: list[dict], reference: str = "spalora") -> list[dict]:
-    """`reference` against every other method, and each of its ablations against it, per
-    (r_eq, task), where both kept per-example test results (see paired_gap)."""
+    """`reference` against every other method, each of its ablations against it, and each
+    control against the methods it names (`Method.compare_with`), per (r_eq, task), where both
+    kept per-example test results (see paired_gap)."""
     ablations = {n for n, m in METHODS.items() if m.lr_from == reference}
     by = results_by_seed(records)
     order = list(METHODS)
@@ -582,6 +583,11 @@ def paired_gap_summary(records: list[dict], reference: str = "spalora") -> list[
         gap = paired_gap(a_runs, b_runs)
         if gap is not None:
             rows.append({"r_eq": r_eq, "task": task, "a": a, "b": b, **gap})
+    for (r_eq, task, control), runs in sorted(by.items(), key=lambda kv: kv[0]):
+        for other in METHODS[control].compare_with:
+            gap = paired_gap(runs, by.get((r_eq, task, other), {}))
+            if gap is not None:
+                rows.append({"r_eq": r_eq, "task": task, "a": control, "b": other, **gap})
     return rows
 
 

@@ -44,6 +44,8 @@ class Method:
     # lr 3e-3: the training loss rose from ~1.3 before the mask to ~1.6 after it, with spikes to
     # 2.5). Sparse-only keeps the grid's rate: S is all it trains.
     sparse_lr_ratio: float = 1.0
+    # Controls: methods this one is paired with in the report, besides our method.
+    compare_with: tuple[str, ...] = ()
 
 
 def rosa_splits(r_eq: int) -> tuple[dict, ...]:
@@ -72,7 +74,7 @@ def trainable_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _spalora(method: str, fraction: float | None = None):
+def _spalora(method: str, fraction: float | None = None, mask: str = "fisher"):
     def build(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
         from spalora import SpaloraConfig, get_spalora_model
 
@@ -85,7 +87,7 @@ def _spalora(method: str, fraction: float | None = None):
             rank_fraction=frac if method == "rosa" else None,
             lora_alpha=2.0 * r,
             lora_dropout=0.0,
-            mask_strategy="fisher",
+            mask_strategy=mask,
             warmup_steps=variant.get("warmup_steps", 40),
             mask_batches=variant.get("mask_batches", 8),
             seed=variant.get("seed", 0),
@@ -195,6 +197,16 @@ METHODS: dict[str, Method] = {
         Method(
             "sparse", _spalora("sparse"), revision=1, description="our sparse-only, Fisher mask"
         ),
+        # Control for PEFT ShiRA's lead at r_eq = 2: the same entries-only adapter in our code
+        # with ShiRA's uniform random support, so the mask is the one thing that differs from
+        # `sparse` (which rate each prefers is chosen on validation, as for every method).
+        Method(
+            "sparse-random",
+            _spalora("sparse", mask="random"),
+            revision=1,
+            description="control: our sparse-only, uniform random mask (ShiRA's support)",
+            compare_with=("peft-shira", "sparse"),
+        ),
         Method(
             "rosa",
             _spalora("rosa"),
@@ -239,6 +251,11 @@ METHODS: dict[str, Method] = {
             "spalora-residual",
             "ablation: residual mask (gradient outside LoRA's subspace)",
             mask_strategy="residual",
+        ),
+        _ours_method(
+            "spalora-random",
+            "ablation: uniform random mask (ShiRA's support) instead of the Fisher mask",
+            mask_strategy="random",
         ),
     )
 }
