@@ -560,3 +560,15 @@ def test_a_control_is_paired_with_the_methods_it_names():
     assert rows[("spalora", "sparse-random")] == pytest.approx(-0.5)
     assert len(rows) == 5  # ours against the three others, and the control's two pairs
     assert METHODS["sparse-random"].compare_with == ("peft-shira", "sparse")
+
+
+def test_ablations_share_our_rate_and_revision_except_where_they_name_it():
+    ours = METHODS["spalora"]
+    ablations = [m for m in METHODS.values() if m.lr_from == "spalora"]
+    assert len(ablations) == 7 and all(m.revision == ours.revision for m in ablations)
+    changed = {m.name for m in ablations if m.sparse_lr_ratio != ours.sparse_lr_ratio}
+    assert changed == {"spalora-random-fullrate"}
+    assert METHODS["spalora-random-fullrate"].sparse_lr_ratio == 1.0
+    for name, ratio in (("spalora-random-fullrate", 1.0), ("spalora-random", 2 / 7)):
+        spec = accuracy.RunSpec(name, (), 1e-2, 0, "toy", 2, accuracy.PROFILES["full"], "tiny")
+        assert spec.train_config().sparse_lr == pytest.approx(1e-2 * ratio)

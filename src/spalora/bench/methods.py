@@ -131,14 +131,16 @@ def _ours(**settings):
     return build
 
 
-def _ours_method(name: str, description: str, **settings) -> Method:
-    """Our method or one of its ablations: one revision and one sparse rate for all of them;
-    the ablations train at the rate chosen for `spalora`."""
+def _ours_method(
+    name: str, description: str, sparse_lr_ratio: float = ROSA_SPARSE_LR_RATIO, **settings
+) -> Method:
+    """Our method or one of its ablations: one revision and, unless an ablation changes it, one
+    sparse rate for all of them; the ablations train at the rate chosen for `spalora`."""
     return Method(
         name,
         _ours(**settings),
         revision=3,
-        sparse_lr_ratio=ROSA_SPARSE_LR_RATIO,
+        sparse_lr_ratio=sparse_lr_ratio,
         lr_from="spalora" if settings else None,
         description=description,
     )
@@ -255,6 +257,12 @@ METHODS: dict[str, Method] = {
         _ours_method(
             "spalora-random",
             "ablation: uniform random mask (ShiRA's support) instead of the Fisher mask",
+            mask_strategy="random",
+        ),
+        _ours_method(
+            "spalora-random-fullrate",
+            "ablation: ShiRA's random mask and its rate (S at the full rate, not 2/7 of it)",
+            sparse_lr_ratio=1.0,
             mask_strategy="random",
         ),
     )
