@@ -16,7 +16,7 @@ log=runs/queues/$task-r$budget
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
 for methods in "$@"; do
   echo "$(date -u +%FT%TZ) start $methods" >> "$log.log"
-  .venv/bin/spalora bench accuracy --profile full --budgets "$budget" --tasks "$task" \
+  .venv/bin/python -m benchmarks accuracy --profile full --budgets "$budget" --tasks "$task" \
     --methods "$methods" --no-progress >> "$log.log" 2>> "$log.err"
   rc=$?  # before any other expansion: $(date) would reset $?
   echo "$(date -u +%FT%TZ) exit $rc $methods" >> "$log.log"

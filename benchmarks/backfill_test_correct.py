@@ -8,8 +8,8 @@ still match: same code revision and package versions). Either way the record gai
 `test_correct` only when the new test score equals the cached one exactly, so a saved model that
 a later run overwrote, or a retrain that did not reproduce, is never attributed to the record.
 
-    HF_HUB_OFFLINE=1 python benchmarks/backfill_test_correct.py --methods spalora --chosen
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/backfill_test_correct.py \\
+    HF_HUB_OFFLINE=1 python -m benchmarks.backfill_test_correct --methods spalora --chosen
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python -m benchmarks.backfill_test_correct \\
         --methods rosa --chosen --task arithmetic --retrain   # ~10 minutes a run here
 
 Retrain with the thread count the run had (the queues' one thread): the thread count changes
@@ -22,7 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
-from spalora.bench.accuracy import correct_bits, read_cached, run_one, spec_from_dict
+from benchmarks.accuracy import correct_bits, read_cached, run_one, spec_from_dict
 from spalora.evaluate import evaluate_task
 from spalora.hub import load_model_and_tokenizer
 from spalora.model import SpaloraModel

@@ -5,7 +5,7 @@ on the same seed are not (a seed fixes the batches), so the curves show whether 
 what training reaches. Reads the benchmark cache, including runs of earlier method revisions kept
 under `superseded/`, and prints one row per (method, revision, variant, learning rate):
 
-    python benchmarks/loss_curves.py --task arithmetic --methods spalora,rosa,peft-lora \
+    python -m benchmarks.loss_curves --task arithmetic --methods spalora,rosa,peft-lora \
         --chosen --plot runs/loss-arithmetic.png
 
 "rev" is the method revision a run was trained at (`Method.revision`; each record states it).
@@ -18,8 +18,8 @@ import json
 import statistics
 from pathlib import Path
 
-from spalora.bench.accuracy import LOSS_TAIL
-from spalora.bench.methods import METHODS
+from benchmarks.accuracy import LOSS_TAIL
+from benchmarks.methods import METHODS
 
 
 def load(cache: Path, task: str, methods: list[str] | None) -> dict[tuple, dict[int, list]]:

@@ -1,6 +1,6 @@
 """Where the time of one training step goes, per method: torch.profiler's operator table.
 
-    python benchmarks/profile_step.py [--rows peft-lora,lora,rosa] [--top 15]
+    python -m benchmarks.profile_step [--rows peft-lora,lora,rosa] [--top 15]
 
 Uses the speed benchmark's step (SmolLM2-135M, 8 x 128 tokens, r_eq = 8, masks chosen) and
 prints, for each row, the operators with the most self CPU time over 3 profiled steps, after 2
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from spalora.bench.speed import build_row, fixed_batch, model_loader, step
+from benchmarks.speed import build_row, fixed_batch, model_loader, step
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 STEPS = 3
@@ -62,7 +62,7 @@ def main() -> None:
     lines = [
         "# Where a training step's time goes",
         "",
-        f"Produced by `python benchmarks/profile_step.py --rows {args.rows}`; "
+        f"Produced by `python -m benchmarks.profile_step --rows {args.rows}`; "
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}. "
         f"Self CPU time per operator over {STEPS} steps (after 2 warm-up steps), model "
         f"{args.model}, 8 x 128 tokens, r_eq = 8; the profiler's own overhead inflates every "

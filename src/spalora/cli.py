@@ -250,37 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="write PEFT's LoRA format instead of merging (LoRA-only adapters)",
     )
 
-    b = sub.add_parser("bench", help="benchmarks of the protocol (docs/results)")
-    bsub = b.add_subparsers(dest="bench", required=True)
-    ba = bsub.add_parser("accuracy", help="accuracy at equal budget: our methods vs PEFT's")
-    ba.add_argument("--profile", choices=["quick", "full"], default="quick")
-    ba.add_argument("--tasks", default="bbc-topic,arithmetic")
-    ba.add_argument("--budgets", default="8", help="r_eq values, e.g. 2,8")
-    ba.add_argument("--methods", help="comma-separated (default: all registered)")
-    ba.add_argument("--cache", help="run cache (default benchmarks/cache/accuracy-PROFILE)")
-    ba.add_argument("--out", help="tables (default docs/results for full, runs/bench-quick)")
-    ba.add_argument("--report-only", action="store_true", help="tables from the cache only")
-    ba.add_argument("--no-progress", action="store_true")
-
-    bs = bsub.add_parser("speed", help="training-step time and peak memory per method")
-    bs.add_argument("--repeats", type=int, default=10, help="timed steps per row (median)")
-    bs.add_argument("--out", default="docs/results", help="where speed.md/.csv go")
-    bs.add_argument("--model", default="smollm2-135m")
-    bs.add_argument("--no-memory", action="store_true", help="skip the per-row processes")
-    bs.add_argument(
-        "--rows", help="comma-separated subset of the rows (default: all); use another --out"
-    )
-    bs.add_argument("--no-progress", action="store_true")
-
-    an = sub.add_parser("analyze", help="how well each layer's fine-tuning update compresses")
-    an.add_argument(
-        "--tuned", required=True, help="fine-tuned model folder (e.g. a harness FFT run)"
-    )
-    an.add_argument("--base", default="smollm2-135m", help="the model it was tuned from")
-    an.add_argument("--budgets", default="1,2,4,8,16,32", help="r_eq values")
-    an.add_argument("--out", default="docs/results", help="where analyze.md/.csv/.png go")
-    an.add_argument("--no-progress", action="store_true")
-
     p = sub.add_parser("plot", help="write PNGs of a run: loss curve, per-layer rank/density")
     p.add_argument(
         "run_dir",
@@ -590,81 +559,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _speed_rows(text: str | None) -> tuple[str, ...]:
-    from .bench.speed import ROWS
-
-    if not text:
-        return ROWS
-    rows = tuple(r.strip() for r in text.split(",") if r.strip())
-    unknown = sorted(set(rows) - set(ROWS))
-    if unknown:
-        raise SystemExit(f"error: unknown speed rows {unknown}; available: {list(ROWS)}")
-    return rows
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.bench == "speed":
-        from .bench.speed import run_speed
-
-        command = "spalora bench speed " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
-        for path in run_speed(
-            args.out,
-            args.repeats,
-            args.model,
-            rows=_speed_rows(args.rows),
-            memory=not args.no_memory,
-            progress=not args.no_progress,
-            command=command.strip(),
-        ):
-            print(f"[spalora] wrote {path}")
-        return 0
-    from .bench import accuracy
-    from .bench.methods import METHODS
-
-    methods = args.methods.split(",") if args.methods else list(METHODS)
-    tasks = args.tasks.split(",")
-    budgets = [int(b) for b in args.budgets.split(",")]
-    cache = args.cache or f"benchmarks/cache/accuracy-{args.profile}"
-    out = args.out or ("docs/results" if args.profile == "full" else "runs/bench-quick")
-    command = "spalora bench accuracy " + " ".join(sys.argv[3:] if len(sys.argv) > 3 else [])
-    try:
-        if args.report_only:
-            records, grid = accuracy.read_cached(args.profile, tasks, budgets, methods, cache)
-        else:
-            records, grid = accuracy.run_benchmark(
-                args.profile,
-                tasks,
-                budgets,
-                methods,
-                cache,
-                progress=not args.no_progress,
-                save_dir=f"runs/bench-{args.profile}",
-            )
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from exc
-    rows = accuracy.summarize(records)
-    for path in accuracy.write_report(rows, grid, out, args.profile, command.strip(), records):
-        print(f"[spalora] wrote {path}")
-    return 0
-
-
-def cmd_analyze(args: argparse.Namespace) -> int:
-    from .bench.analyze import run_analysis
-    from .hub import load_model_and_tokenizer
-
-    base, _ = load_model_and_tokenizer(args.base)
-    tuned, _ = load_model_and_tokenizer(args.tuned)
-    budgets = tuple(int(b) for b in args.budgets.split(","))
-    command = "spalora analyze " + " ".join(sys.argv[2:])
-    try:
-        paths = run_analysis(base, tuned, args.out, command, not args.no_progress, budgets)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from exc
-    for path in paths:
-        print(f"[spalora] wrote {path}")
-    return 0
-
-
 def _short_table(model) -> str:
     """Per module type (q_proj, ...): layers, r, nnz and density, summed over the layers."""
     rows: dict[str, list] = {}
@@ -694,8 +588,6 @@ def main(argv: list[str] | None = None) -> int:
         "eval": cmd_eval,
         "merge": cmd_merge,
         "plot": cmd_plot,
-        "bench": cmd_bench,
-        "analyze": cmd_analyze,
     }
     return commands[args.command](args)
 

@@ -1,6 +1,6 @@
-"""`spalora bench accuracy`: every method at the same budget, recipe and learning-rate grid.
+"""`python -m benchmarks accuracy`: every method at the same budget, recipe and learning-rate grid.
 
-Protocol (../docs/results/accuracy.md says it again next to the numbers): for each task and
+Protocol (docs/results/accuracy.md says it again next to the numbers): for each task and
 budget, each method trains once per (learning rate, variant) at seed 0 and is scored on the
 validation split carved from the training data; the best setting is then trained with seeds 1
 and 2, and the table reports the test metric's mean and standard deviation over the 3 seeds.
@@ -79,7 +79,7 @@ class RunSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def train_config(self):
-        from ..train import TrainConfig
+        from spalora.train import TrainConfig
 
         p = self.profile
         return TrainConfig(
@@ -206,10 +206,10 @@ def run_one(
     save_dir: str | Path | None = None,
 ) -> dict:
     """Train one configuration and score it on validation and test (full fine-tuning runs are
-    also saved under `save_dir`, for `spalora analyze`; our method's adapters too, for
+    also saved under `save_dir`, for `python -m benchmarks analyze`; our method's adapters too, for
     `spalora plot`)."""
-    from ..evaluate import evaluate_task
-    from ..train import train
+    from spalora.evaluate import evaluate_task
+    from spalora.train import train
 
     model, tokenizer = load_model(spec.model)
     task = load_task(spec.task)  # the split is fixed (seed 0): only training varies by seed
@@ -260,7 +260,8 @@ def run_one(
         allocation = {
             a.name: [a.out_features, a.in_features, a.r, a.nnz] for a in model.allocations
         }
-    if spec.method == "fft" and save_dir is not None:  # what `spalora analyze --tuned` reads
+    # what `python -m benchmarks analyze --tuned` reads
+    if spec.method == "fft" and save_dir is not None:
         saved = str(Path(save_dir) / f"fft-{spec.task}-lr{spec.lr:g}-seed{spec.seed}")
         model.save_pretrained(saved)
         tokenizer.save_pretrained(saved)
@@ -327,8 +328,8 @@ def run_benchmark(
     validation scores (what the choice was made on). With `run_missing=False` nothing is
     trained: the tables show what the cache holds (a method whose grid is unfinished is left out).
     """
-    from ..hub import load_model_and_tokenizer
-    from ..tasks import get_task
+    from spalora.hub import load_model_and_tokenizer
+    from spalora.tasks import get_task
 
     load_model = load_model or load_model_and_tokenizer
     load_task = load_task or (lambda name: get_task(name, seed=0))
@@ -476,7 +477,7 @@ def rank_share(allocation: dict) -> float:
 def split_summary(records: list[dict], method: str = "spalora") -> list[dict]:
     """How our method split the budget, per (task, r_eq), averaged over the chosen setting's
     seeds: the share of the budget spent on rank, and mean rank / density per module type."""
-    from ..plot import block_and_kind
+    from spalora.plot import block_and_kind
 
     groups: dict[tuple[str, int], list[dict]] = {}
     for rec in records:

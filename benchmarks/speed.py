@@ -1,11 +1,11 @@
-"""`spalora bench speed`: one whole-model training step per method, as ratios to the floor.
+"""`python -m benchmarks speed`: one whole-model training step per method, as ratios to the floor.
 
 The protocol's step: SmolLM2-135M, batch 8 x 128 tokens, budget r_eq = 8, forward + backward +
 AdamW step. Rows are interleaved round-robin in one process (every row's model lives side by
 side), so machine noise hits all alike; the median over repeats is reported. The floor is the
 frozen base with no adapter, backward through the activations only (the input embeddings'
 output requires grad): work every PEFT method must do. Peak resident memory comes from a fresh
-process per row (`python -m spalora.bench.speed --memory ROW`), so rows do not share a peak; it
+process per row (`python -m benchmarks.speed --memory ROW`), so rows do not share a peak; it
 is reset after the row is built, so for sparse/RoSA it excludes the mask statistics (reported in
 their own row).
 Mask generation (the Fisher statistics of RoSA over 8 micro-batches, then the top-k) is timed
@@ -80,7 +80,7 @@ def build_row(row: str, load_model) -> tuple[torch.nn.Module, torch.optim.Optimi
     model, _ = load_model()
     model.train()
     if row.endswith("-int8"):  # before wrapping, as QLoRA; the fp32 weights are freed
-        from ..quant import quantize_base
+        from spalora.quant import quantize_base
 
         quantize_base(model, "int8", target_modules=list(LINEAR_NAMES))
     if row == "floor":
@@ -93,7 +93,7 @@ def build_row(row: str, load_model) -> tuple[torch.nn.Module, torch.optim.Optimi
     wrapped = build_method(method, model, R_EQ, variant)
     schedule = None
     if method in ("sparse", "rosa", "spalora"):
-        from ..schedule import MaskSchedule
+        from spalora.schedule import MaskSchedule
 
         # the measured step comes after the mask: choose it first (and for spalora-final,
         # truncate at step 2 of a 4-step schedule); compress goes on for 10^6 steps
@@ -155,7 +155,7 @@ def paired_ratio(times: dict[str, list[float]], row: str, ref: str) -> tuple[flo
 
 def mask_generation(load_model) -> dict:
     """Time and peak memory of RoSA's Fisher mask: 8 micro-batches of statistics, then top-k."""
-    from ..schedule import MaskSchedule
+    from spalora.schedule import MaskSchedule
 
     model, _ = load_model()
     variant = {"rank_fraction": 0.5, "warmup_steps": 0, "mask_batches": MASK_BATCHES, "seed": 0}
@@ -177,7 +177,7 @@ def mask_generation(load_model) -> dict:
 def base_weights_mb(model: torch.nn.Module) -> float:
     """MiB of the adapted projections' frozen weights (q, k, v, o, gate, up, down) as stored:
     4 bytes a weight in fp32, 1 + a scale per row in int8 (PEFT's and ours alike)."""
-    from ..quant import QuantizedLinear
+    from spalora.quant import QuantizedLinear
 
     total = 0
     for name, module in model.named_modules():
@@ -214,14 +214,15 @@ def peak_rss_mb() -> float:
 
 def memory_of(row: str, model_name: str) -> dict:
     """Peak RSS of a fresh process that builds `row` and runs 3 steps (or mask generation)."""
-    cmd = [sys.executable, "-m", "spalora.bench.speed", "--memory", row, "--model", model_name]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    cmd = [sys.executable, "-m", "benchmarks.speed", "--memory", row, "--model", model_name]
+    root = Path(__file__).resolve().parents[1]  # `benchmarks` is importable from the repo root
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=root)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def model_loader(model_name: str):
     """A no-argument loader of `model_name`, as build_row and mask_generation take."""
-    from ..hub import load_model_and_tokenizer
+    from spalora.hub import load_model_and_tokenizer
 
     return functools.partial(load_model_and_tokenizer, model_name)
 
@@ -248,7 +249,7 @@ def run_speed(
     rows=ROWS,
     memory: bool = True,
     progress: bool = True,
-    command: str = "spalora bench speed",
+    command: str = "python -m benchmarks speed",
 ) -> list[Path]:
     load_model = model_loader(model_name)
 

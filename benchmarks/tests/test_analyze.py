@@ -5,9 +5,8 @@ import copy
 import pytest
 import torch
 
-from spalora.bench import analyze
-
-from .conftest import tiny_llama
+from benchmarks import analyze
+from tests.conftest import tiny_llama
 
 
 def test_rank_and_sparse_errors_match_explicit_approximations():

@@ -1,4 +1,4 @@
-"""`spalora analyze`: how well does each layer's fine-tuning update compress?
+"""`python -m benchmarks analyze`: how well does each layer's fine-tuning update compress?
 
 For every adapted layer, the update D = W_tuned - W_base is approximated at a parameter count
 P_layer = r_eq * (in + out), three ways: the best rank-r_eq matrix (Eckart-Young, from D's

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import accuracy
+from benchmarks.methods import METHODS, budget_params, build_method, supra_sparsity
 from spalora import SpaloraConfig
-from spalora.bench import accuracy
-from spalora.bench.methods import METHODS, budget_params, build_method, supra_sparsity
 from spalora.tasks import Task
-
-from .conftest import WORD_EXAMPLES, tiny_llama, word_tokenizer
+from tests.conftest import WORD_EXAMPLES, tiny_llama, word_tokenizer
 
 
 def toy_task(name: str) -> Task:
@@ -39,7 +38,7 @@ def test_every_method_stays_within_the_budget(method, r_eq):
     model = tiny_llama()
     budget = budget_params(model, r_eq)
     assert budget == r_eq * 2 * (4 * (32 + 32) - 2 * 16 + 3 * (32 + 48))  # k,v project to 16
-    from spalora.bench.methods import trainable_params
+    from benchmarks.methods import trainable_params
 
     fractions = [v.get("rank_fraction") for v in METHODS[method].variants(r_eq)]
     for fraction in fractions:
@@ -134,7 +133,7 @@ def test_report_only_leaves_out_unfinished_grids(tmp_path):
 
 
 def test_rosa_grid_has_distinct_whole_ranks():
-    from spalora.bench.methods import rosa_splits
+    from benchmarks.methods import rosa_splits
 
     assert rosa_splits(8) == (
         {"rank_fraction": 0.25},
@@ -147,7 +146,7 @@ def test_rosa_grid_has_distinct_whole_ranks():
 def test_speed_benchmark_on_a_saved_tiny_model(tmp_path):
     """Every row builds and steps, memory comes from fresh processes, files have the columns."""
     pytest.importorskip("peft")
-    from spalora.bench import speed
+    from benchmarks import speed
 
     folder = tmp_path / "tiny"
     tiny_llama().save_pretrained(folder)
@@ -181,7 +180,7 @@ def test_profile_script_runs_and_lists_the_extra_operators(tmp_path, monkeypatch
     folder = tmp_path / "tiny"
     tiny_llama().save_pretrained(folder)
     word_tokenizer().save_pretrained(folder)
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_step.py"
+    script = Path(__file__).resolve().parents[1] / "profile_step.py"
     argv = ["profile_step.py", "--rows", "lora,rosa", "--model", str(folder)]
     monkeypatch.setattr(sys, "argv", argv + ["--out", str(tmp_path / "out"), "--top", "40"])
     runpy.run_path(str(script), run_name="__main__")
@@ -192,7 +191,7 @@ def test_profile_script_runs_and_lists_the_extra_operators(tmp_path, monkeypatch
 
 
 def test_paired_ratio_cancels_a_slow_spell_that_hits_both_rows():
-    from spalora.bench import speed
+    from benchmarks import speed
 
     # the machine slows 3x in the last two rounds; the row is 1.5x the reference throughout
     times = {"row": [1.5, 1.5, 4.5, 4.5, 4.5], "ref": [1.0, 1.0, 3.0, 3.0, 3.0]}
@@ -273,7 +272,7 @@ def test_full_fine_tuning_runs_are_shared_across_budgets(tmp_path, monkeypatch):
 
     monkeypatch.setattr(accuracy, "run_one", fake_run)
     records, _ = accuracy.run_benchmark("full", ["toy"], [2, 8], ["fft"], tmp_path, model="tiny")
-    from spalora.bench.methods import FFT_LRS
+    from benchmarks.methods import FFT_LRS
 
     assert len(calls) == len(FFT_LRS) + 2  # not twice
     assert sorted({r["budget"] for r in records}) == [2, 8]
@@ -307,9 +306,9 @@ def test_a_choice_on_the_grid_edge_extends_the_grid(tmp_path, monkeypatch):
 def test_committed_cache_files_are_still_found_under_their_keys():
     """A change to TrainConfig, RunSpec or the key must not silently orphan the committed runs
     (hours of CPU): every cached file's spec must hash to its own file name."""
-    from spalora.bench.accuracy import Profile, RunSpec
+    from benchmarks.accuracy import Profile, RunSpec
 
-    root = Path(__file__).resolve().parents[1] / "benchmarks" / "cache" / "accuracy-full"
+    root = Path(__file__).resolve().parents[1] / "cache" / "accuracy-full"
     files = sorted(root.glob("*.json"))
     if not files:
         pytest.skip("no committed accuracy cache")
@@ -333,8 +332,8 @@ def test_a_method_revision_retrains_only_that_method(monkeypatch):
     """Bumping Method.revision gives its runs new keys (retrained); other methods keep theirs."""
     from dataclasses import replace as dc_replace
 
-    from spalora.bench import methods
-    from spalora.bench.accuracy import PROFILES, RunSpec
+    from benchmarks import methods
+    from benchmarks.accuracy import PROFILES, RunSpec
 
     def key(method):
         return RunSpec(method, (), 1e-3, 0, "bbc-topic", 8, PROFILES["full"], "m").key()
@@ -437,7 +436,7 @@ def test_loss_curves_script_windows_cached_runs_by_revision(tmp_path, monkeypatc
     write(cache / "b.json", "spalora", 3, 1, [4.0] * 6 + [3.0] * 4)
     write(cache / "superseded" / "c.json", "spalora", 2, 0, [5.0] * 10)
     write(cache / "d.json", "lora", 0, 0, [9.0] * 10)  # another method: filtered out
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "loss_curves.py"
+    script = Path(__file__).resolve().parents[1] / "loss_curves.py"
     argv = ["loss_curves.py", "--task", "toy", "--methods", "spalora", "--cache", str(cache)]
     argv += ["--window", "5", "--plot", str(tmp_path / "curves.png")]
     monkeypatch.setattr(sys, "argv", argv)
@@ -527,7 +526,7 @@ def test_backfill_adds_per_example_results_only_when_the_score_is_reproduced(
     write("renamed", replace(lora, seed=1), trained)  # its key is not its configuration's
     monkeypatch.setattr("spalora.hub.load_model_and_tokenizer", tiny)
     monkeypatch.setattr("spalora.tasks.get_task", lambda name, seed: task)
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "backfill_test_correct.py"
+    script = Path(__file__).resolve().parents[1] / "backfill_test_correct.py"
 
     def backfill(*flags):
         argv = ["backfill_test_correct.py", "--cache", str(cache), *flags]
