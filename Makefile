@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint bench-layer clean
+.PHONY: install demo test lint lint-imports bench-layer clean
 
 $(STAMP): pyproject.toml Makefile constraints.txt
 	$(PY) -m venv $(VENV)
@@ -36,9 +36,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(STAMP) lint-imports
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
+
+lint-imports: $(STAMP)  # the import contracts in pyproject.toml: no cycles, layers kept
+	$(BIN)/lint-imports
 
 bench-layer: $(STAMP)
 	$(BIN)/python benchmarks/layer_speed.py

@@ -146,7 +146,7 @@ def test_trainer_runs_mask_schedule(tmp_path):
 
 
 def test_completion_loss_equals_model_loss():
-    from spalora.train import completion_loss
+    from spalora.losses import completion_loss
 
     model = tiny_llama()
     ids = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(2))

@@ -4,64 +4,42 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
 import re
 import sys
 import time
+import typing
 from pathlib import Path
 
 import yaml
 
-from .config import SpaloraConfig
-from .train import TrainConfig
+from .config import (
+    RECIPE_SECTIONS,
+    RunConfig,
+    SpaloraConfig,
+    TrainConfig,
+    recipe_default,
+    recipe_defaults,
+)
 
-DEFAULTS = {
-    "model": "smollm2-135m",
-    "task": "bbc-topic",
-    "output_dir": "runs/default",
-    "eval_limit": None,
-    "val_limit": None,
-    "eval_batch_size": 32,
-    "quantize": None,  # int8 / nf4 / fp4: the frozen base stored weight-only quantized
-    # The `file` task (your own data): path, eval_path, metric, prompt_field, completion_field,
-    # strict; see `spalora train --help`.
-    "data": {},
-    "adapter": {
-        "method": "rosa",
-        "budget": "r8",
-        "rank_fraction": 0.5,
-        "lora_alpha": 16.0,
-        # Less than one epoch on CPU: dropout regularizes nothing here and costs ~35% of a step.
-        "lora_dropout": 0.0,
-        "mask_strategy": "fisher",
-        "warmup_steps": 40,
-        "mask_batches": 8,
-    },
-    "train": {
-        "steps": 150,
-        "batch_size": 8,
-        "lora_lr": 1e-3,
-        "sparse_lr": 3e-4,
-        "eval_every": 50,
-    },
-}
-
-# flag -> (section, key); section None means top level.
-FLAGS = {
-    "model": (None, "model"),
-    "task": (None, "task"),
-    "output_dir": (None, "output_dir"),
-    "eval_limit": (None, "eval_limit"),
-    "quantize": (None, "quantize"),
-    "val_limit": (None, "val_limit"),
+# flag -> (section, key): section None is a top-level (RunConfig) key. Each of these flags sets
+# one config field and takes its type, choices, help and default from that field.
+DATA_FLAGS = {
     "data": ("data", "path"),
     "eval_data": ("data", "eval_path"),
     "metric": ("data", "metric"),
     "prompt_field": ("data", "prompt_field"),
     "completion_field": ("data", "completion_field"),
     "strict": ("data", "strict"),
+}
+FLAGS = {
+    "model": (None, "model"),
+    "task": (None, "task"),
+    **DATA_FLAGS,
+    "output_dir": (None, "output_dir"),
     "method": ("adapter", "method"),
     "budget": ("adapter", "budget"),
     "rank_fraction": ("adapter", "rank_fraction"),
@@ -81,42 +59,71 @@ FLAGS = {
     "allocation": ("adapter", "allocation"),
     "truncate_at": ("adapter", "truncate_at"),
     "steps": ("train", "steps"),
-    "grad_accum": ("train", "grad_accum"),
     "batch_size": ("train", "batch_size"),
+    "grad_accum": ("train", "grad_accum"),
     "lora_lr": ("train", "lora_lr"),
     "sparse_lr": ("train", "sparse_lr"),
     "seed": ("train", "seed"),
     "max_length": ("train", "max_length"),
     "overlong": ("train", "overlong"),
-    "eval_every": ("train", "eval_every"),
     "bf16": ("train", "bf16"),
+    "quantize": (None, "quantize"),
     "distributed": ("train", "distributed"),
+    "eval_every": ("train", "eval_every"),
+    "eval_limit": (None, "eval_limit"),
+    "val_limit": (None, "val_limit"),
+    "checkpoint_every": ("train", "checkpoint_every"),
+    "resume": ("train", "resume"),
 }
+# What only the command line needs: other spellings of a flag, and notes on spelling it.
+ALIASES = {"r": ("--lora-r",)}
+NOTES = {
+    "r": "write --lora-r under torchrun, which reads --r as an abbreviation of its own --rdzv-* "
+    "options",
+}
+SIZE_KEYS = ("r", "density")  # explicit sizes, the alternative to a budget
+BUDGET_KEYS = ("budget", "rank_fraction")
 
-TASK_HELP = (
-    "bbc-topic (default), arithmetic, gsm-symbolic, or file (your data: --data PATH with "
-    "prompt/completion or chat messages, as JSONL, JSON, CSV or a datasets folder)"
-)
+
+def config_class(section: str | None) -> type:
+    """The dataclass whose fields a recipe section holds (None: the top level)."""
+    return RECIPE_SECTIONS[section] if section else RunConfig
+
+
+def field_of(section: str | None, key: str) -> dataclasses.Field:
+    return {f.name: f for f in dataclasses.fields(config_class(section))}[key]
+
+
+def _flag_type(section: str | None, key: str) -> type:
+    """The field's type without None; str where a field takes several (a budget: 'r8' or 1000)."""
+    hint = typing.get_type_hints(config_class(section))[key]
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+    return kinds[0] if len(kinds) == 1 and kinds[0] in (bool, int, float, str) else str
+
+
+def add_field_flag(parser: argparse.ArgumentParser, flag: str) -> None:
+    """`--flag` for the config field FLAGS names; its default stays None (not given), so a YAML
+    value or the field's default stands, and the help shows the field's default."""
+    section, key = FLAGS[flag]
+    f = field_of(section, key)
+    help_text = f.metadata["help"] + (f"; {NOTES[flag]}" if flag in NOTES else "")
+    kwargs: dict = {"dest": flag, "default": None}
+    kind = _flag_type(section, key)
+    if kind is bool:
+        kwargs.update(action="store_const", const=True)
+    else:
+        kwargs.update(type=kind, choices=f.metadata.get("choices"))
+        default = recipe_default(f)
+        if default is not None:
+            help_text += f" (default: {default})"
+    kwargs["help"] = help_text.replace("%", "%%")
+    parser.add_argument("--" + flag.replace("_", "-"), *ALIASES.get(flag, ()), **kwargs)
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     """Flags of the `file` task, shared by train and eval."""
-    p.add_argument("--data", help="file task: .jsonl/.json/.csv or a datasets save_to_disk folder")
-    p.add_argument("--eval-data", help="file task: a separate test file (else 10%% is held out)")
-    p.add_argument(
-        "--metric",
-        choices=["exact", "label", "number", "loss"],
-        help="file task: exact match, accuracy over the label set, final-number match, "
-        "or loss/perplexity only (default exact)",
-    )
-    p.add_argument("--prompt-field", help="file task: prompt column (default prompt)")
-    p.add_argument("--completion-field", help="file task: completion column (default completion)")
-    p.add_argument(
-        "--strict",
-        action="store_const",
-        const=True,
-        help="file task: fail on the first bad row (default: skip bad rows and report them)",
-    )
+    for flag in DATA_FLAGS:
+        add_field_flag(p, flag)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,116 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="fine-tune with a spalora adapter (defaults: RoSA, SmolLM2, BBC)"
     )
     t.add_argument("--config", help="YAML recipe (see configs/); flags override it")
-    t.add_argument("--model", help="'smollm2-135m' (embedded), a local folder or a hub id")
-    t.add_argument("--task", help=TASK_HELP)
-    add_data_flags(t)
-    t.add_argument("--output-dir", help="where the adapter and metrics.json go")
-    t.add_argument(
-        "--method",
-        choices=["lora", "sparse", "rosa", "spalora"],
-        help="spalora: ours (IRLS penalties split the budget across layers, then truncate)",
-    )
-    t.add_argument("--budget", help="'r8' (as LoRA r=8), '0.5%%' of the model, or a count")
-    t.add_argument("--rank-fraction", type=float, help="share of the budget spent on rank")
-    t.add_argument(
-        "--r",
-        "--lora-r",
-        type=int,
-        help="LoRA rank (when no budget is given); write --lora-r under torchrun, which reads "
-        "--r as an abbreviation of its own --rdzv-* options",
-    )
-    t.add_argument("--density", type=float, help="sparse density (when no budget is given)")
-    t.add_argument("--target-modules", help="'all-linear', names joined by commas, or a regex")
-    t.add_argument(
-        "--mask-strategy", choices=["fisher", "grad", "residual", "magnitude", "wanda", "random"]
-    )
-    t.add_argument("--warmup-steps", type=int, help="LoRA-only steps before the mask")
-    t.add_argument("--mask-batches", type=int, help="micro-batches of mask statistics")
-    t.add_argument(
-        "--sparse-warmup-steps",
-        type=int,
-        help="steps over which the sparse values' learning rate ramps up after the mask (10)",
-    )
-    t.add_argument(
-        "--restart",
-        action="store_const",
-        const=True,
-        help="after the mask, reset adapters and train from step 0 (paper recipe)",
-    )
-    t.add_argument(
-        "--overprovision", type=float, help="spalora: train with this many times r and k (1.5)"
-    )
-    t.add_argument(
-        "--start-rank",
-        choices=["budget", "split"],
-        help="spalora: over-provision the rank all of the budget buys (default) or the split's",
-    )
-    t.add_argument("--rank-reg", type=float, help="spalora: IRLS rank penalty weight (10)")
-    t.add_argument("--sparse-reg", type=float, help="spalora: IRLS sparsity penalty weight (10)")
-    t.add_argument("--irls-every", type=int, help="spalora: steps between IRLS refreshes (10)")
-    t.add_argument(
-        "--allocation",
-        choices=["global", "uniform"],
-        help="spalora: one global threshold across layers, or RoSA's even split",
-    )
-    t.add_argument(
-        "--truncate-at",
-        type=float,
-        help="spalora: truncate to the budget at this fraction of the run (0.5), or step (>= 1)",
-    )
-    t.add_argument("--steps", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    t.add_argument("--lora-lr", type=float)
-    t.add_argument("--sparse-lr", type=float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--max-length", type=int, help="tokens per training example (default 256)")
-    t.add_argument(
-        "--overlong",
-        choices=["truncate", "drop"],
-        help="examples over --max-length: cut the prompt from its start (default) or drop them",
-    )
-    t.add_argument("--bf16", action="store_const", const=True, help="bfloat16 autocast")
-    t.add_argument(
-        "--quantize",
-        choices=["int8", "nf4", "fp4"],
-        help="store the frozen base's linear layers weight-only quantized (adapters stay fp32; "
-        "nf4/fp4 need pip install 'spalora[quant]'); see docs/quantization.md",
-    )
-    t.add_argument(
-        "--distributed",
-        choices=["auto", "ddp", "fsdp"],
-        help="under torchrun / accelerate launch: DDP, or FSDP2 sharding the frozen base "
-        "(auto: FSDP when accelerate's FSDP is on, else DDP); --batch-size is then per process",
-    )
-    t.add_argument(
-        "--eval-every",
-        type=int,
-        help="evaluate on the validation split every N steps (default 50; 0: never)",
-    )
-    t.add_argument("--eval-limit", type=int, help="evaluate on the first N test examples only")
-    t.add_argument("--val-limit", type=int, help="first N validation examples only")
+    for flag in FLAGS:
+        add_field_flag(t, flag)
     t.add_argument("--no-eval", action="store_true", help="skip zero-shot and final evaluation")
-    t.add_argument(
-        "--checkpoint-every",
-        type=int,
-        help="write a resumable checkpoint every N steps (atomic; last 2 kept)",
-    )
-    t.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest checkpoint in OUTPUT_DIR/checkpoints",
-    )
     t.add_argument("--no-progress", action="store_true")
 
     e = sub.add_parser("eval", help="evaluate a saved adapter (or the base model) on a task")
     e.add_argument("--adapter", help="adapter folder; omit for the base model alone (zero-shot)")
-    e.add_argument("--task", default="bbc-topic", help=TASK_HELP)
+    e.add_argument("--task", default=RunConfig.task, help=field_of(None, "task").metadata["help"])
     add_data_flags(e)
     e.add_argument("--split", choices=["test", "validation"], default="test")
     e.add_argument("--model", help="base model (default: the one recorded in the adapter)")
     e.add_argument("--limit", type=int, help="first N test examples only")
-    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--batch-size", type=int, default=RunConfig.eval_batch_size)
     e.add_argument("--output-dir", help="where predictions.jsonl and metrics.json go")
     e.add_argument("--seed", type=int, help="the task's split seed (default: the adapter's)")
     e.add_argument("--no-progress", action="store_true")
@@ -258,19 +168,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_yaml_recipe(recipe: dict, path: str) -> dict:
+    """Override `recipe` in place with the YAML file at `path`; returns what the file set.
+
+    Every key must be a recipe field (RunConfig's at the top, the section's config below)."""
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise SystemExit(f"error: {path} must hold a mapping of recipe keys")
+    unknown = [key for key in loaded if key not in recipe]
+    for section in RECIPE_SECTIONS:
+        value = loaded.get(section) or {}
+        if not isinstance(value, dict):
+            raise SystemExit(f"error: {path}: `{section}` must hold a mapping of keys")
+        unknown += [f"{section}.{key}" for key in value if key not in recipe[section]]
+    if unknown:
+        raise SystemExit(f"error: unknown keys in {path}: {sorted(unknown)}")
+    for key, value in loaded.items():
+        if key in RECIPE_SECTIONS:
+            recipe[key].update(value or {})
+        else:
+            recipe[key] = value
+    return loaded
+
+
 def resolve_recipe(args: argparse.Namespace) -> dict:
-    """Defaults, then the YAML file, then flags."""
-    recipe = json.loads(json.dumps(DEFAULTS))
-    if args.config:
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        unknown = set(loaded) - set(recipe)
-        if unknown:
-            raise SystemExit(f"error: unknown keys in {args.config}: {sorted(unknown)}")
-        for key, value in loaded.items():
-            if isinstance(recipe[key], dict):
-                recipe[key].update(value or {})
-            else:
-                recipe[key] = value
+    """The config fields' defaults, then the YAML file, then flags."""
+    recipe = recipe_defaults()
+    loaded = load_yaml_recipe(recipe, args.config) if args.config else {}
     for flag, (section, key) in FLAGS.items():
         value = getattr(args, flag, None)
         if value is None:
@@ -279,15 +203,18 @@ def resolve_recipe(args: argparse.Namespace) -> dict:
             value = [v.strip() for v in value.split(",") if v.strip()]  # names; else a regex
         (recipe[section] if section else recipe)[key] = value
     adapter = recipe["adapter"]
-    if args.r is not None or args.density is not None:
-        if args.budget is not None or args.rank_fraction is not None:
-            raise SystemExit(
-                "error: give either --budget/--rank-fraction or --r/--density, not both"
-            )
-        adapter.pop("budget", None)  # explicit sizes replace the default budget
-        adapter.pop("rank_fraction", None)
-    if "seed" in recipe["train"]:  # one seed for split, data order, LoRA init and random masks
-        adapter["seed"] = recipe["train"]["seed"]
+    sized_by_flags = any(getattr(args, k) is not None for k in SIZE_KEYS)
+    budget_by_flags = any(getattr(args, k) is not None for k in BUDGET_KEYS)
+    if sized_by_flags and budget_by_flags:
+        raise SystemExit("error: give either --budget/--rank-fraction or --r/--density, not both")
+    in_yaml = loaded.get("adapter") or {}
+    sized_by_yaml = any(k in in_yaml for k in SIZE_KEYS) and not any(
+        k in in_yaml for k in BUDGET_KEYS
+    )
+    if sized_by_flags or (sized_by_yaml and not budget_by_flags):
+        for key in BUDGET_KEYS:  # explicit sizes replace the default (or the YAML's) budget
+            adapter.pop(key, None)
+    adapter["seed"] = recipe["train"]["seed"]  # one seed: split, data order, init, masks
     if adapter.get("method") == "lora":
         adapter.pop("density", None)
     return recipe
@@ -315,19 +242,14 @@ def _train_command(args: argparse.Namespace) -> int:
     try:
         adapter_cfg = SpaloraConfig(**recipe["adapter"])
         train_kwargs = {
-            **recipe["train"],  # YAML may set checkpoint_every / keep_last / resume too
+            **recipe["train"],
             "progress": not args.no_progress,
             "checkpoint_dir": str(Path(recipe["output_dir"]) / "checkpoints"),
             "log_path": str(Path(recipe["output_dir"]) / "history.jsonl"),
         }
-        if importlib.util.find_spec("tensorboard") is not None:  # TensorBoard when installed
-            train_kwargs.setdefault(
-                "tensorboard_dir", str(Path(recipe["output_dir"]) / "tensorboard")
-            )
-        if args.checkpoint_every is not None:
-            train_kwargs["checkpoint_every"] = args.checkpoint_every
-        if args.resume:
-            train_kwargs["resume"] = True
+        tensorboard = importlib.util.find_spec("tensorboard") is not None
+        if train_kwargs["tensorboard_dir"] is None and tensorboard:  # TensorBoard when installed
+            train_kwargs["tensorboard_dir"] = str(Path(recipe["output_dir"]) / "tensorboard")
         train_cfg = TrainConfig(**train_kwargs)
     except (TypeError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
@@ -365,7 +287,7 @@ def _train_command(args: argparse.Namespace) -> int:
     metrics: dict = {"recipe": recipe, "metric": metric, "data_notes": task.notes}
     out.mkdir(parents=True, exist_ok=True)
     zero_shot_file = out / "zero_shot.json"
-    if not args.no_eval and args.resume and zero_shot_file.exists():
+    if not args.no_eval and train_cfg.resume and zero_shot_file.exists():
         saved = json.loads(zero_shot_file.read_text())
         metrics["zero_shot"] = saved.get("value", saved.get("accuracy"))  # older runs: "accuracy"
     elif not args.no_eval:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .tasks import Example
+from .tasks.base import Example
 
 
 def prompt_ids(tokenizer, prompt: str, history: tuple[tuple[str, str], ...] = ()) -> list[int]:

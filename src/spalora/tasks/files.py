@@ -14,19 +14,17 @@ from __future__ import annotations
 import csv
 import json
 import random
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .tasks import Example, Task, number_match
+from .base import Example, Task, exact_match, label_score, number_match
 
 METRICS = ("exact", "label", "number", "loss")
 MAX_LABELS = 50
 MIN_EXAMPLES = 10  # usable examples needed before validation or test is carved from a file
 ROLES = ("system", "user", "assistant")
 _MAX_ROWS_LISTED = 5
-_PUNCT = " \t\r\n.,:;!?\"'`()[]{}*"
 
 Rows = list[tuple[int, Any]]  # (row number, parsed row or a _BadRow)
 
@@ -267,29 +265,7 @@ def _drop_seen(examples: list[Example], seen: set[tuple], source: str) -> tuple[
     return kept, note if dropped else None
 
 
-# ------------------------------------------------------------------ metrics
-def exact_match(prediction: str, target: str) -> bool:
-    """Equal after stripping and collapsing whitespace; case-sensitive."""
-    return prediction.split() == target.split()
-
-
-def _label_text(text: str) -> str:
-    lines = text.strip().splitlines()
-    return lines[0].strip(_PUNCT).lower() if lines else ""
-
-
-def label_score(prediction: str, target: str) -> bool:
-    """The prediction's first line is the label, or starts with it followed by a non-word char.
-
-    Case, surrounding whitespace and punctuation are ignored: "Positive." matches "positive",
-    "positive - the review praises ..." too, but "positively" does not.
-    """
-    predicted, label = _label_text(prediction), _label_text(target)
-    if not label:  # a label made only of punctuation
-        return prediction.strip().lower() == target.strip().lower()
-    return re.match(re.escape(label) + r"(?!\w)", predicted) is not None
-
-
+# ------------------------------------------------------------------ scoring
 def _new_tokens(longest_chars: int) -> int:
     return min(256, max(8, longest_chars // 3 + 8))
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from spalora.tasks import Example
-from spalora.userdata import exact_match, label_score, load_file_task, split_by_prompt
+from spalora.tasks.files import exact_match, label_score, load_file_task, split_by_prompt
 
 
 def write_jsonl(path, rows):
