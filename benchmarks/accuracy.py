@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from . import heldout
 from .methods import METHODS, budget_params, build_method, trainable_params
 
 # Bump when a change alters results (recipe defaults, builders, tasks, evaluation): the key
@@ -41,6 +42,14 @@ class Profile:
     first_variant_only: bool = False
     warmup_steps: int = 40  # RoSA's LoRA-only steps before the mask
     mask_batches: int = 8
+    # Protocol 2 (docs/benchmarks.md, "Version 2"): held-out NLL per example, a selection seed
+    # never reported, task sizes set here. These fields enter a run's key only when set away
+    # from their defaults, so every protocol-1 key stays what it was.
+    protocol: int = 1
+    n_validation: int | None = None  # the task's validation size (None: the task's default)
+    n_test: int | None = None
+    accuracy_limit: int | None = None  # generation-scored test examples (the first n)
+    selection_seeds: tuple[int, ...] = ()
 
 
 PROFILES = {
@@ -56,7 +65,36 @@ PROFILES = {
         warmup_steps=8,
         mask_batches=2,
     ),
+    # Protocol 2 on arithmetic: choose on seed 0 (seed 100 too when the margin is under 2 SE),
+    # report seeds 1-8; 1,000 validation and 4,000 test questions, accuracy on 2,000 of them.
+    "v2": Profile(
+        steps=150,
+        batch_size=8,
+        seeds=tuple(range(1, 9)),
+        protocol=2,
+        n_validation=1000,
+        n_test=4000,
+        accuracy_limit=2000,
+        selection_seeds=(0, 100),
+    ),
 }
+PROFILES["v2-600"] = replace(PROFILES["v2"], steps=600)
+NEW_PROFILE_FIELDS = ("protocol", "n_validation", "n_test", "accuracy_limit", "selection_seeds")
+# Which seeds a profile reports or selects on does not change any one run: not in its key.
+UNKEYED_PROFILE_FIELDS = ("seeds", "selection_seeds")
+
+
+def profile_key(profile: Profile) -> dict:
+    """The profile's part of a run's key: protocol-1 profiles exactly as they always were."""
+    d = asdict(profile)
+    defaults = asdict(Profile(steps=0, batch_size=0, seeds=()))
+    for name in NEW_PROFILE_FIELDS:
+        if d[name] == defaults[name]:
+            del d[name]
+    if profile.protocol >= 2:
+        for name in UNKEYED_PROFILE_FIELDS:
+            d.pop(name, None)
+    return d
 
 
 @dataclass(frozen=True)
@@ -71,7 +109,8 @@ class RunSpec:
     model: str
 
     def key(self) -> str:
-        parts = [CACHE_VERSION, asdict(self), train_key(self.train_config()), package_versions()]
+        spec = asdict(self) | {"profile": profile_key(self.profile)}
+        parts = [CACHE_VERSION, spec, train_key(self.train_config()), package_versions()]
         revision = METHODS[self.method].revision
         if revision:  # absent at 0, so the keys of methods never revised stay as they were
             parts.append({"method_revision": revision})
@@ -100,7 +139,7 @@ class RunSpec:
 
 def spec_from_dict(d: dict) -> RunSpec:
     """The RunSpec that a cache record's `spec` (its asdict) was written from."""
-    profile = dict(d["profile"]) | {"seeds": tuple(d["profile"]["seeds"])}
+    profile = {k: tuple(v) if isinstance(v, list) else v for k, v in d["profile"].items()}
     variant = tuple((str(k), v) for k, v in d["variant"])
     return RunSpec(
         d["method"],
@@ -204,23 +243,23 @@ def run_one(
     load_task: Callable,
     progress: bool,
     save_dir: str | Path | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Train one configuration and score it on validation and test (full fine-tuning runs are
-    also saved under `save_dir`, for `python -m benchmarks analyze`; our method's adapters too, for
-    `spalora plot`)."""
-    from spalora.evaluate import evaluate_task
+    also saved under `save_dir`, for `python -m benchmarks analyze`; our method's adapters too,
+    for `spalora plot`)."""
     from spalora.train import train
 
     model, tokenizer = load_model(spec.model)
-    task = load_task(spec.task)  # the split is fixed (seed 0): only training varies by seed
     p = spec.profile
+    task = load_task(spec.task)  # the split is fixed (seed 0): only training varies by seed
     variant = dict(spec.variant) | {
         "seed": spec.seed,
         "warmup_steps": p.warmup_steps,
         "mask_batches": p.mask_batches,
     }
     budget = budget_params(model, spec.r_eq)
-    model = build_method(spec.method, model, spec.r_eq, variant)
+    model = build_method(spec.method, model, spec.r_eq, variant).to(device)
     n_trainable = trainable_params(model)
     # Our method trains over-provisioned and truncates to the budget: its count is checked
     # after training, and the training-time count is reported next to it.
@@ -249,10 +288,10 @@ def run_one(
     n_trainable = trainable_params(model)
     if spec.method != "fft" and n_trainable > budget:
         raise RuntimeError(f"{spec.label()}: {n_trainable:,} trainable > budget {budget:,}")
-    val = task.validation[: p.val_limit] if p.val_limit else task.validation
-    test = task.test[: p.test_limit] if p.test_limit else task.test
-    v = evaluate_task(model, tokenizer, task, val, progress=progress, desc="validation")
-    t = evaluate_task(model, tokenizer, task, test, progress=progress, desc="test")
+    if p.protocol >= 2:
+        scores = heldout.score(model, tokenizer, task, p, progress)
+    else:
+        scores = score_v1(model, tokenizer, task, p, progress)
     losses = [h["loss"] for h in history if "loss" in h]
     saved = None
     allocation = None
@@ -261,7 +300,7 @@ def run_one(
             a.name: [a.out_features, a.in_features, a.r, a.nnz] for a in model.allocations
         }
     # what `python -m benchmarks analyze --tuned` reads
-    if spec.method == "fft" and save_dir is not None:
+    if spec.method == "fft" and save_dir is not None and p.protocol < 2:
         saved = str(Path(save_dir) / f"fft-{spec.task}-lr{spec.lr:g}-seed{spec.seed}")
         model.save_pretrained(saved)
         tokenizer.save_pretrained(saved)
@@ -270,6 +309,43 @@ def run_one(
             Path(save_dir) / f"{spec.method}-{spec.task}-r{spec.r_eq}-lr{spec.lr:g}-seed{spec.seed}"
         )
         model.save_pretrained(saved)
+    return (
+        scores
+        | {
+            "trainable_params": n_trainable,
+            "peak_trainable_params": peak_trainable,
+            "budget_params": budget,
+            "adapter_bytes": adapter_bytes(model, spec.method),
+            "train_seconds": train_seconds,
+            "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+            "finite": all(x == x for x in losses),
+            "losses": [round(x, 4) for x in losses],  # the training curve, for diagnosis
+            "saved_model": saved,
+            "allocation": allocation,
+            "budget_log": trained["budget_log"],  # our method: refreshes and the cut, for diagnosis
+            "versions": package_versions(),
+        }
+        | ({} if str(device) == "cpu" else {"device": str(device)})
+    )
+
+
+def task_loader(profile: Profile) -> Callable:
+    """name -> Task at the profile's protocol (its split always from seed 0)."""
+    from spalora.tasks import get_task
+
+    if profile.protocol >= 2:
+        return lambda name: heldout.load_task(name, profile)
+    return lambda name: get_task(name, seed=0)
+
+
+def score_v1(model, tokenizer, task, p: Profile, progress: bool) -> dict:
+    """Protocol 1: the task's metric on validation and test, with per-example test bits."""
+    from spalora.evaluate import evaluate_task
+
+    val = task.validation[: p.val_limit] if p.val_limit else task.validation
+    test = task.test[: p.test_limit] if p.test_limit else task.test
+    v = evaluate_task(model, tokenizer, task, val, progress=progress, desc="validation")
+    t = evaluate_task(model, tokenizer, task, test, progress=progress, desc="test")
     return {
         "validation": v["value"],
         "test": t["value"],
@@ -277,18 +353,6 @@ def run_one(
         "metric": t["metric"],
         "n_validation": v["n"],
         "n_test": t["n"],
-        "trainable_params": n_trainable,
-        "peak_trainable_params": peak_trainable,
-        "budget_params": budget,
-        "adapter_bytes": adapter_bytes(model, spec.method),
-        "train_seconds": train_seconds,
-        "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
-        "finite": all(x == x for x in losses),
-        "losses": [round(x, 4) for x in losses],  # the training curve, for diagnosis
-        "saved_model": saved,
-        "allocation": allocation,
-        "budget_log": trained["budget_log"],  # our method: refreshes and the cut, for diagnosis
-        "versions": package_versions(),
     }
 
 
@@ -329,11 +393,10 @@ def run_benchmark(
     trained: the tables show what the cache holds (a method whose grid is unfinished is left out).
     """
     from spalora.hub import load_model_and_tokenizer
-    from spalora.tasks import get_task
 
     load_model = load_model or load_model_and_tokenizer
-    load_task = load_task or (lambda name: get_task(name, seed=0))
     profile = PROFILES[profile_name]
+    load_task = load_task or task_loader(profile)
     cache = Cache(cache_dir)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:

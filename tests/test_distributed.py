@@ -278,3 +278,21 @@ def test_cli_under_two_ranks_writes_once(two_ranks):
         "checkpoint-3",
         "checkpoint-6",
     ]
+
+
+def test_resolve_device_prefers_a_gpu_in_one_process_and_refuses_a_missing_one(monkeypatch):
+    import torch
+
+    from spalora.distributed import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no GPU"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="device must be one of"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert resolve_device("auto") == torch.device("cuda", 0)  # one process, a GPU: use it
+    assert resolve_device("cpu") == torch.device("cpu")

@@ -91,6 +91,26 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The device to train and evaluate on. "auto": this rank's GPU under nccl, else the GPU
+    when there is one (a single process too), else the CPU. "cuda" without a GPU is an error,
+    not a silent fall back to the CPU."""
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {name!r}")
+    if name == "cpu":
+        return torch.device("cpu")
+    if dist_backend() == "nccl":
+        return local_device()
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if name == "cuda":
+        raise ValueError("device 'cuda' was asked for but torch sees no GPU")
+    return torch.device("cpu")
+
+
 def resolve_mode(mode: str) -> str:
     """ "ddp" or "fsdp"; "auto" follows accelerate's FSDP switch (ACCELERATE_USE_FSDP)."""
     if mode not in MODES:

@@ -69,7 +69,7 @@ def completion_loss_of(
     desc: str = "loss",
 ) -> dict:
     """Mean loss per completion token over `examples` (summed over tokens, not batch means)."""
-    from .train import completion_loss
+    from .losses import completion_loss
 
     was_training = model.training
     model.eval()
@@ -93,6 +93,64 @@ def completion_loss_of(
         "tokens": tokens,
         "n": len(encoded),  # examples scored (an over-long completion is dropped, and reported)
     }
+
+
+@torch.no_grad()
+def completion_nll(
+    model,
+    tokenizer,
+    examples: list[Example],
+    batch_size: int = 32,
+    max_length: int = 512,
+    progress: bool = True,
+    desc: str = "nll",
+) -> dict[str, list]:
+    """Each example's mean next-token NLL over its completion tokens, given its prompt (the
+    `loss` metric's computation, kept per example so that methods can be paired by example),
+    and whether greedy decoding would reproduce the completion token for token (the argmax is
+    the target at every completion position: exact match without generating).
+
+    Returns {"nll": [...], "greedy_match": [...]} in the order of `examples`. Prompts longer
+    than `max_length` are cut from their start, as in training. Batches are formed by length;
+    the LM head runs only on completion positions.
+    """
+    import inspect
+
+    import torch.nn.functional as F
+
+    from .data import encode_example
+
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    slice_head = "logits_to_keep" in inspect.signature(base.forward).parameters
+    encoded = [encode_example(tokenizer, e, max_length) for e in examples]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    nlls: list[float] = [math.nan] * len(encoded)
+    matches: list[bool] = [False] * len(encoded)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+        idx = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in idx], pad).items()}
+        shifted = batch.pop("labels")[:, 1:]
+        keep = (shifted != -100).any(0).nonzero().squeeze(1)
+        if slice_head:
+            logits = model(**batch, logits_to_keep=keep).logits
+        else:
+            logits = model(**batch).logits[:, :-1][:, keep]
+        target = shifted[:, keep]
+        nll = F.cross_entropy(
+            logits.float().transpose(1, 2), target, ignore_index=-100, reduction="none"
+        )
+        labelled = target != -100
+        per_row = nll.sum(1) / labelled.sum(1).clamp(min=1)
+        greedy = ((logits.argmax(-1) == target) | ~labelled).all(1)
+        for row, i in enumerate(idx):
+            nlls[i] = float(per_row[row])
+            matches[i] = bool(greedy[row])
+    model.train(was_training)
+    return {"nll": nlls, "greedy_match": matches}
 
 
 def evaluate_task(

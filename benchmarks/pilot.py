@@ -1,0 +1,164 @@
+"""`python -m benchmarks pilot`: what protocol 2's pilots measured, from the cache alone.
+
+Seed noise: for every two methods run at the same condition and seeds, the paired gap in held-out
+NLL and in accuracy, with an SE that counts seed noise (benchmarks/power.py) and the seeds that
+would resolve the target effect. Admission: full fine-tuning against LoRA at each condition; a
+condition is admitted when full fine-tuning is ahead by at least ADMIT_FACTOR target effects.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from itertools import combinations
+from pathlib import Path
+
+from .power import matrix, paired_gap
+
+TARGET_POINTS = 1.0  # the effect to detect: one accuracy point, or its NLL equivalent
+ADMIT_FACTOR = 3.0
+
+
+def load_records(cache_dirs: list[Path]) -> list[dict]:
+    """Protocol-2 records (per-example NLL present), each with its spec."""
+    out = []
+    for root in cache_dirs:
+        for path in sorted(Path(root).glob("*.json")):
+            rec = json.loads(path.read_text())
+            if "test_nll" in rec["result"]:
+                out.append(rec)
+    return out
+
+
+def condition(spec: dict) -> tuple:
+    """(task, steps, r_eq): runs of one condition are compared; fft is filed under r_eq 0."""
+    return spec["task"], spec["profile"]["steps"], spec["r_eq"]
+
+
+def arm(spec: dict) -> str:
+    variant = ",".join(f"{k}={v:g}" for k, v in spec["variant"])
+    name = spec["method"] + (f"[{variant}]" if variant else "")
+    return f"{name} lr={spec['lr']:g}"
+
+
+def by_arm(records: list[dict]) -> dict[tuple, dict[int, dict]]:
+    """{(condition, arm): {seed: result}}."""
+    out: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for rec in records:
+        out[(condition(rec["spec"]), arm(rec["spec"]))][rec["spec"]["seed"]] = rec["result"]
+    return out
+
+
+def nats_per_point(records: list[dict]) -> float | None:
+    """Least-squares slope of mean test NLL on test accuracy (points) across runs: how many
+    nats one accuracy point is worth here (None with fewer than 4 runs)."""
+    xs = [100 * r["result"]["test"] for r in records]
+    ys = [r["result"]["test_nll_mean"] for r in records]
+    if len(xs) < 4 or statistics.pvariance(xs) == 0:
+        return None
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    return -cov / sum((x - mx) ** 2 for x in xs)
+
+
+def bits(result: dict) -> list[float]:
+    return [float(c == "1") for c in result["test_correct"]]
+
+
+def gap_rows(arms: dict[tuple, dict[int, dict]], target_nats: float | None) -> list[dict]:
+    """Every pair of arms of one condition (or an fft arm against each budgeted arm of the
+    same task and steps) with at least 2 shared seeds."""
+    rows = []
+    keys = sorted(arms)
+    for a, b in combinations(keys, 2):
+        (ca, _), (cb, _) = a, b
+        same = ca == cb or (ca[:2] == cb[:2] and 0 in (ca[2], cb[2]))
+        shared = sorted(set(arms[a]) & set(arms[b]))
+        if not same or len(shared) < 2:
+            continue
+        if cb[2] == 0:  # fft first: the gap reads "fft minus adapter"
+            a, b = b, a
+        ra, rb = arms[a], arms[b]
+        nll = paired_gap(matrix(*({s: r[s]["test_nll"] for s in shared} for r in (ra, rb))))
+        acc = paired_gap(matrix(*({s: bits(r[s]) for s in shared} for r in (ra, rb))))
+        rows.append({"a": a, "b": b, "nll": nll, "acc": acc, "target_nats": target_nats})
+    return rows
+
+
+def write_pilot_report(cache_dirs: list[Path], out: Path, command: str) -> list[Path]:
+    records = load_records(cache_dirs)
+    if not records:
+        raise ValueError(f"no protocol-2 runs under {', '.join(map(str, cache_dirs))}")
+    arms = by_arm(records)
+    slope = nats_per_point(records)
+    target = None if slope is None else slope * TARGET_POINTS
+    lines = [
+        "# Protocol 2 pilots",
+        "",
+        f"Produced by `{command}` from the cached runs. Do not edit: rerun the command.",
+        "",
+        "Gap = first arm minus second, paired by test example and seed; NLL in nats (lower is "
+        "better), accuracy in points. SE counts seed noise and test sampling (two crossed "
+        "random factors); 'test-only SE' is what a fixed test set with seeds averaged out "
+        "would claim. sd(seed) is the between-seed SD of the gap net of the examples.",
+        "",
+    ]
+    if slope is not None:
+        lines.append(
+            f"One accuracy point is worth {slope:.4f} nats of mean test NLL here (least-squares "
+            f"slope over {len(records)} runs); the target effect of {TARGET_POINTS:g} point is "
+            f"{target:.4f} nats."
+        )
+        lines.append("")
+    lines += runs_table(arms)
+    lines += gaps_table(gap_rows(arms, target), target)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "pilot.md"
+    path.write_text("\n".join(lines) + "\n")
+    return [path]
+
+
+def runs_table(arms: dict[tuple, dict[int, dict]]) -> list[str]:
+    lines = [
+        "## Runs",
+        "",
+        "| task | steps | r_eq | arm | seeds | test NLL (mean ± sd over seeds) | test acc | "
+        "train s | eval s |",
+        "| --- | ---: | ---: | --- | --- | --- | --- | ---: | ---: |",
+    ]
+    for (cond, name), runs in sorted(arms.items()):
+        nll = [r["test_nll_mean"] for r in runs.values()]
+        acc = [100 * r["test"] for r in runs.values()]
+        nll_sd = f" ± {statistics.stdev(nll):.3f}" if len(nll) > 1 else ""
+        acc_sd = f" ± {statistics.stdev(acc):.1f}" if len(acc) > 1 else ""
+        lines.append(
+            f"| {cond[0]} | {cond[1]} | {cond[2]} | {name} | {','.join(map(str, sorted(runs)))} "
+            f"| {statistics.fmean(nll):.4f}{nll_sd} | {statistics.fmean(acc):.1f}{acc_sd} "
+            f"| {statistics.fmean(r['train_seconds'] for r in runs.values()):.0f} "
+            f"| {statistics.fmean(r['eval_seconds'] for r in runs.values()):.0f} |"
+        )
+    return lines + [""]
+
+
+def gaps_table(rows: list[dict], target: float | None) -> list[str]:
+    lines = [
+        "## Paired gaps",
+        "",
+        "| condition | first | second | seeds | NLL gap ± SE (test-only SE) | sd(seed) | "
+        "per-seed NLL gaps | acc gap ± SE | seeds for SE = target/2 | gap / target |",
+        "| --- | --- | --- | ---: | --- | ---: | --- | --- | ---: | ---: |",
+    ]
+    for row in rows:
+        nll, acc = row["nll"], row["acc"]
+        need = "-" if target is None else (nll.seeds_for(target / 2) or "never")
+        ratio = "-" if target is None else f"{abs(nll.gap) / target:.1f}"
+        cond = row["a"][0]
+        lines.append(
+            f"| {cond[0]} {cond[1]} steps r_eq {max(cond[2], row['b'][0][2])} | {row['a'][1]} "
+            f"| {row['b'][1]} | {nll.n_seeds} | {nll.gap:+.4f} ± {nll.se:.4f} "
+            f"({nll.se_test_only:.4f}) | {nll.var_seed**0.5:.4f} "
+            f"| {' / '.join(f'{g:+.3f}' for g in nll.per_seed)} "
+            f"| {100 * acc.gap:+.1f} ± {100 * acc.se:.1f} | {need} | {ratio} |"
+        )
+    return lines + [""]

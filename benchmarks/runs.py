@@ -1,0 +1,85 @@
+"""`python -m benchmarks runs`: train (or find in the cache) named runs at a fixed rate, seed by
+seed: the pilots of protocol 2 (seed noise, admission of conditions) are lists of such runs."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .accuracy import PROFILES, Cache, RunSpec, run_one, task_loader
+from .methods import METHODS
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'1-8' -> [1..8]; '1,3,5' -> [1, 3, 5]."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    return seeds
+
+
+def parse_variant(items: list[str]) -> tuple[tuple[str, float], ...]:
+    """['rank_fraction=0.5'] -> (('rank_fraction', 0.5),)."""
+    out = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--variant takes KEY=VALUE, got {item!r}")
+        out.append((key, float(value)))
+    return tuple(sorted(out))
+
+
+def specs_for(
+    profile: str, task: str, r_eq: int, method: str, lr: float, seeds: list[int], variant=()
+) -> list[RunSpec]:
+    """The runs named; full fine-tuning has no budget (its runs are filed under r_eq 0)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; available: {sorted(PROFILES)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}")
+    if lr <= 0 or lr != lr:
+        raise ValueError(f"--lr must be a positive number, got {lr}")
+    run_r = 0 if method == "fft" else r_eq
+    p = PROFILES[profile]
+    return [RunSpec(method, variant, lr, s, task, run_r, p, "smollm2-135m") for s in seeds]
+
+
+def ensure_runs(
+    specs: list[RunSpec],
+    cache_dir: str | Path,
+    load_model: Callable | None = None,
+    progress: bool = False,
+    load_task: Callable | None = None,
+    device: str = "cpu",
+) -> list[dict]:
+    """Each spec's cached result, training the missing ones in order (each cached on finish)."""
+    from spalora.hub import load_model_and_tokenizer
+
+    load_model = load_model or load_model_and_tokenizer
+    cache = Cache(cache_dir)
+    results = []
+    for spec in specs:
+        found = cache.get(spec)
+        if found is None:
+            print(f"[runs] {spec.label()}", file=sys.stderr, flush=True)
+            loader = load_task or task_loader(spec.profile)
+            result = run_one(spec, load_model, loader, progress, device=device)
+            cache.put(spec, result)
+            found = {"result": result}
+            if "diverged" in result:
+                print(f"[runs]   diverged: {result['diverged']}", file=sys.stderr, flush=True)
+            else:
+                print(f"[runs]   {summary_line(result)}", file=sys.stderr, flush=True)
+        results.append(found["result"])
+    return results
+
+
+def summary_line(result: dict) -> str:
+    nll = result.get("test_nll_mean")
+    head = f"test nll {nll:.4f} " if nll is not None else ""
+    return (
+        f"{head}test {result['test']:.4f} (train {result.get('train_seconds', 0):.0f} s, "
+        f"eval {result.get('eval_seconds', 0):.0f} s)"
+    )

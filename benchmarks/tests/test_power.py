@@ -1,0 +1,114 @@
+"""Paired-gap standard errors with seed noise: the estimator against known variance components."""
+
+import math
+
+import pytest
+import torch
+
+from benchmarks.power import matrix, paired_gap
+
+
+def simulate(s, n, sd_seed, sd_example, sd_resid, gap, gen):
+    seed = torch.randn(s, 1, generator=gen, dtype=torch.float64) * sd_seed
+    example = torch.randn(1, n, generator=gen, dtype=torch.float64) * sd_example
+    resid = torch.randn(s, n, generator=gen, dtype=torch.float64) * sd_resid
+    return gap + seed + example + resid
+
+
+def test_the_se_covers_seed_noise_that_test_sampling_alone_misses():
+    """Over many simulated pilots the gap's spread matches the SE with seed noise; the test-only
+    SE understates it when seeds vary."""
+    gen = torch.Generator().manual_seed(0)
+    gaps, ses, test_only = [], [], []
+    for _ in range(400):
+        g = paired_gap(simulate(5, 400, 0.02, 0.1, 0.2, 0.03, gen))
+        gaps.append(g.gap)
+        ses.append(g.se)
+        test_only.append(g.se_test_only)
+    spread = torch.tensor(gaps).std().item()
+    assert sum(ses) / len(ses) == pytest.approx(spread, rel=0.15)
+    assert sum(test_only) / len(test_only) < 0.8 * spread
+    assert sum(gaps) / len(gaps) == pytest.approx(0.03, abs=0.003)
+
+
+def test_components_and_seed_count():
+    gen = torch.Generator().manual_seed(1)
+    g = paired_gap(simulate(40, 2000, 0.03, 0.1, 0.2, 0.0, gen))
+    assert math.sqrt(g.var_seed) == pytest.approx(0.03, rel=0.3)
+    assert math.sqrt(g.var_example) == pytest.approx(0.1, rel=0.1)
+    assert math.sqrt(g.var_resid) == pytest.approx(0.2, rel=0.05)
+    assert g.seeds_for(math.sqrt(g.var_example / g.n_test) * 0.99) is None  # below the floor
+    k = g.seeds_for(0.02)
+    floor = g.var_example / g.n_test
+    assert (g.var_seed + g.var_resid / g.n_test) / k + floor <= 0.02**2
+    assert len(g.per_seed) == 40 and g.n_test == 2000
+
+
+def test_matrix_pairs_by_seed_and_refuses_mismatched_test_sets():
+    d = matrix({1: [1.0, 2.0], 2: [3.0, 4.0], 5: [0.0, 0.0]}, {1: [0.5, 1.0], 2: [3.0, 3.0]})
+    assert d.tolist() == [[0.5, 1.0], [0.0, 1.0]]
+    with pytest.raises(ValueError, match="same test set"):
+        matrix({1: [1.0]}, {1: [1.0, 2.0]})
+    with pytest.raises(ValueError, match="share no seed"):
+        matrix({1: [1.0]}, {2: [1.0]})
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        paired_gap(torch.zeros(1, 5))
+
+
+def fake_record(method, r_eq, seed, nll, correct, steps=150, lr=1e-3):
+    return {
+        "spec": {
+            "method": method, "variant": [], "lr": lr, "seed": seed, "task": "arithmetic",
+            "r_eq": r_eq, "profile": {"steps": steps}, "model": "m",
+        },
+        "result": {
+            "test_nll": nll, "test_nll_mean": sum(nll) / len(nll),
+            "test": sum(correct) / len(correct),
+            "test_correct": "".join(str(c) for c in correct), "train_seconds": 1.0,
+            "eval_seconds": 1.0,
+        },
+    }  # fmt: skip
+
+
+def test_pilot_report_pairs_arms_and_puts_fft_first(tmp_path):
+    import json
+
+    from benchmarks.pilot import write_pilot_report
+
+    gen = torch.Generator().manual_seed(0)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for seed in (1, 2, 3):
+        base = (torch.rand(50, generator=gen) + 1).tolist()
+        for method, r_eq, shift in (("fft", 0, -0.2), ("lora", 2, 0.0), ("peft-shira", 2, -0.05)):
+            nll = [x + shift for x in base]
+            correct = [int(x + shift < 1.4) for x in base]
+            rec = fake_record(method, r_eq, seed, nll, correct)
+            (cache / f"{method}-{seed}.json").write_text(json.dumps(rec))
+    (path,) = write_pilot_report([cache], tmp_path / "out", "cmd")
+    text = path.read_text()
+    assert "| arithmetic 150 steps r_eq 2 | fft lr=0.001 | lora lr=0.001 | 3 | -0.2000" in text
+    assert (
+        "| peft-shira lr=0.001 | lora lr=0.001 |" in text or "| lora lr=0.001 | peft-shira" in text
+    )
+    assert "nats of mean test NLL" in text
+
+
+def test_nested_gap_counts_fold_to_fold_spread():
+    from benchmarks.power import nested_gap
+
+    gen = torch.Generator().manual_seed(3)
+    gaps, ses = [], []
+    for _ in range(300):
+        per_seed = {
+            s: 0.05 + 0.04 * torch.randn(1, generator=gen) + 0.3 * torch.randn(400, generator=gen)
+            for s in range(5)
+        }
+        g = nested_gap(per_seed)
+        gaps.append(g.gap)
+        ses.append(g.se)
+    spread = torch.tensor(gaps).std().item()
+    assert sum(ses) / len(ses) == pytest.approx(spread, rel=0.2)
+    assert g.n_test == 2000 and g.n_seeds == 5
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        nested_gap({1: torch.zeros(3)})
