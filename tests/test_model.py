@@ -233,6 +233,20 @@ def test_plain_load_state_dict_restores_the_sparse_part(token_batch):
     assert torch.equal(dst(**token_batch).logits, want)
 
 
+def test_state_dict_of_a_one_adapter_layer_still_loads(token_batch):
+    """Keys as layers holding one adapter wrote them (`<layer>.lora_A`, e.g. in a Trainer
+    checkpoint) load into the active adapter (`<layer>.adapters.<name>.lora_A`)."""
+    src = trained_adapter(tiny_llama())
+    src.eval()
+    want = src(**token_batch).logits
+    legacy = {k.replace(".adapters.default.", "."): v for k, v in src.state_dict().items()}
+    assert any(k.endswith("q_proj.lora_A") for k in legacy)
+    dst = get_spalora_model(tiny_llama(), src.spalora_config)
+    dst.eval()
+    dst.load_state_dict(legacy)  # strict: every key found
+    assert torch.equal(dst(**token_batch).logits, want)
+
+
 def test_merged_adapter_guards(token_batch):
     base = tiny_llama()
     plain = base(**token_batch).logits

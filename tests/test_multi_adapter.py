@@ -90,7 +90,7 @@ def test_load_two_saved_adapters_and_switch_back_and_forth(tmp_path, token_batch
         assert torch.equal(logits(model, token_batch), ref_b)
         model.set_adapter("default")
     # the base weights still hold W0 exactly after all the W0 + S writes and switches
-    for name, layer in model._wrapped_layers().items():
+    for name, layer in model.wrapped_layers().items():
         assert torch.equal(layer.base_weight(), w0[name + ".weight"])
     assert not any(p.requires_grad for p in model.parameters())  # loaded for inference
     with pytest.raises(ValueError, match="exists already"):
@@ -137,13 +137,15 @@ def test_delete_adapter(token_batch):
     with pytest.warns(UserWarning, match="'b' is active now"):
         model.delete_adapter("default")
     assert model.adapters == ["b"] and model.active_adapter == "b"
-    assert "default" not in model._stored  # its tensors are gone
+    # its tensors are gone from every layer
+    assert all(lay.adapter_names == ["b"] for lay in model.wrapped_layers().values())
     torch.testing.assert_close(logits(model, token_batch), out_b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="only adapter"):
         model.delete_adapter("b")
     model.add_adapter("c", SPARSE_MLP)
     model.delete_adapter("c")
-    assert model.adapters == ["b"] and "c" not in model._stored
+    assert model.adapters == ["b"]
+    assert all("c" not in lay.adapter_names for lay in model.wrapped_layers().values())
     with pytest.raises(ValueError, match="no adapter named"):
         model.adapter_state_dict("c")
 
@@ -154,7 +156,7 @@ def _reference_weights(model, adapter):
     model.set_adapter(adapter)
     ref = {
         n: (lay.base_weight() + lay.delta_weight()).clone()
-        for n, lay in model._wrapped_layers().items()
+        for n, lay in model.wrapped_layers().items()
     }
     model.set_adapter(active)
     return ref
@@ -163,7 +165,7 @@ def _reference_weights(model, adapter):
 @pytest.mark.parametrize("how", ["by_name", "merged_then_switched"])
 def test_merge_one_adapter_while_the_other_stays(tmp_path, token_batch, how):
     model = two_adapters()
-    w0 = {n: lay.base_weight().clone() for n, lay in model._wrapped_layers().items()}
+    w0 = {n: lay.base_weight().clone() for n, lay in model.wrapped_layers().items()}
     want_w = _reference_weights(model, "default")
     out_a = logits(model, token_batch)
     model.set_adapter("b")
@@ -176,7 +178,7 @@ def test_merge_one_adapter_while_the_other_stays(tmp_path, token_batch, how):
         model.merge_adapter()
         model.set_adapter("b")
     assert model.merged_adapters == ["default"] and model.active_adapter == "b"
-    for name, layer in model._wrapped_layers().items():
+    for name, layer in model.wrapped_layers().items():
         torch.testing.assert_close(layer.base_weight(), want_w[name], rtol=0, atol=1e-6)
     # W0 + delta_a in a plain model, with b on top: what the merged model must compute
     ref = tiny_llama()
@@ -194,7 +196,7 @@ def test_merge_one_adapter_while_the_other_stays(tmp_path, token_batch, how):
     model.set_adapter("b")
     model.unmerge_adapter()
     assert model.merged_adapters == []
-    for name, layer in model._wrapped_layers().items():
+    for name, layer in model.wrapped_layers().items():
         torch.testing.assert_close(layer.base_weight(), w0[name], rtol=0, atol=1e-6)
     torch.testing.assert_close(logits(model, token_batch), out_b, rtol=1e-5, atol=1e-5)
 
@@ -271,7 +273,7 @@ def test_save_several_and_reload_them(tmp_path, token_batch):
 
 def test_training_changes_only_the_active_adapter(token_batch):
     model = two_adapters()
-    w0 = {n: lay.base_weight().clone() for n, lay in model._wrapped_layers().items()}
+    w0 = {n: lay.base_weight().clone() for n, lay in model.wrapped_layers().items()}
     before_a = model.adapter_state_dict("default")
     model.set_adapter("b")
     before_b = {k: v.clone() for k, v in model.adapter_state_dict().items()}
@@ -287,7 +289,7 @@ def test_training_changes_only_the_active_adapter(token_batch):
     assert any(not torch.equal(after_b[k], before_b[k]) for k in before_b)
     after_a = model.adapter_state_dict("default")
     assert all(torch.equal(after_a[k], before_a[k]) for k in before_a)
-    for name, layer in model._wrapped_layers().items():
+    for name, layer in model.wrapped_layers().items():
         assert torch.equal(layer.base_weight(), w0[name])
     model.set_adapter("default")  # the trained b is kept while inactive
     model.set_adapter("b")
@@ -335,7 +337,126 @@ def test_adapter_that_does_not_fit_changes_nothing(tmp_path):
     )
     other.save_pretrained(tmp_path)
     model = get_spalora_model(tiny_llama(), LORA_QV)
-    wrapped = set(model._wrapped_layers())
+    wrapped = set(model.wrapped_layers())
     with pytest.raises(ValueError, match="has shape"):
         model.load_adapter(tmp_path, "x")
-    assert model.adapters == ["default"] and set(model._wrapped_layers()) == wrapped
+    assert model.adapters == ["default"] and set(model.wrapped_layers()) == wrapped
+
+
+def _tensor_addresses(model):
+    """Every adapter tensor of every layer (active or not): the object and its storage."""
+    out = {}
+    for name, layer in model.wrapped_layers().items():
+        for adapter_name in layer.adapter_names:
+            for attr, t in layer.adapter(adapter_name).tensors().items():
+                out[(name, adapter_name, attr)] = t.data_ptr()
+        for key, p in layer.adapters.named_parameters():
+            out[(name, key)] = (id(p), p.data_ptr())
+    return out
+
+
+def test_set_adapter_copies_no_tensor(token_batch):
+    model = two_adapters()
+    model.add_adapter("c", SPARSE_MLP)
+    before = _tensor_addresses(model)
+    b_params = None
+    for name in ("b", "c", "default", "b", "default", "c", "default"):
+        model.set_adapter(name)
+        logits(model, token_batch)  # W0 + S written for the active adapter's mask
+        if name == "b":
+            params = [p for g in model.parameter_groups() for p in g["params"]]
+            assert b_params is None or all(p is q for p, q in zip(params, b_params, strict=True))
+            b_params = params  # an optimizer built for b stays valid across switches
+        assert _tensor_addresses(model) == before
+    # only the active adapter trains: the others' parameters are frozen while inactive
+    model.train()
+    model.set_adapter("c")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.c." in n for n in trainable)
+
+
+def _stored_delta(state, layer_name, out_f, in_f, lora_alpha):
+    """scale * B A + S from saved tensors, as the former store of inactive adapters computed it
+    (dense fp32): the inactive adapter's delta must not have changed."""
+    delta = torch.zeros(out_f, in_f)
+    values = state.get(f"{layer_name}.sparse_values")
+    if values is not None:
+        crow = state[f"{layer_name}.sparse_crow"].to(torch.int64)
+        rows = torch.repeat_interleave(torch.arange(out_f), crow[1:] - crow[:-1])
+        delta.index_put_((rows, state[f"{layer_name}.sparse_col"].long()), values.float())
+    a = state.get(f"{layer_name}.lora_A")
+    if a is not None:
+        b = state[f"{layer_name}.lora_B"]
+        delta += (lora_alpha / a.shape[0]) * (b.float() @ a.float())
+    return delta
+
+
+def test_delta_weight_of_an_inactive_adapter():
+    model = get_spalora_model(tiny_llama(), LORA_QV)
+    fill(model, 1)
+    model.add_adapter("s", SpaloraConfig(method="rosa", r=3, density=0.1, lora_alpha=5.0))
+    model.set_adapter("s")
+    fill(model, 2)
+    state = {k: v.clone() for k, v in model.adapter_state_dict().items()}
+    model.set_adapter("default")
+    layers = model.adapter_layers("s")
+    assert len(layers) == 14 and all(lay.active_adapter == "default" for lay in layers.values())
+    for name, layer in layers.items():
+        want = _stored_delta(state, name, layer.out_features, layer.in_features, 5.0)
+        assert torch.equal(layer.delta_weight("s"), want)
+        if name.endswith(("up_proj", "o_proj")):  # not targeted by the active adapter
+            assert layer.r == 0 and layer.nnz == 0
+            assert torch.equal(layer.delta_weight(), torch.zeros_like(want))
+
+
+def test_merge_of_an_inactive_adapter_matches_float64(token_batch):
+    model = two_adapters()
+    model.add_adapter("s", SpaloraConfig(method="rosa", r=3, density=0.1, lora_alpha=5.0))
+    model.set_adapter("s")
+    fill(model, 11)
+    model.set_adapter("default")
+    w0 = {n: lay.base_weight().double() for n, lay in model.wrapped_layers().items()}
+    state = model.adapter_state_dict("s")
+    logits(model, token_batch)  # default's W0 + S sits in the weights when s is merged
+    model.merge_adapter("s")
+    assert model.merged_adapters == ["s"] and model.active_adapter == "default"
+    for name, layer in model.adapter_layers("s").items():
+        d = torch.float64
+        a, b = state[f"{name}.lora_A"].to(d), state[f"{name}.lora_B"].to(d)
+        dense = torch.zeros(layer.out_features, layer.in_features, dtype=d)
+        crow = state[f"{name}.sparse_crow"].long()
+        rows = torch.repeat_interleave(torch.arange(layer.out_features), crow[1:] - crow[:-1])
+        dense[rows, state[f"{name}.sparse_col"].long()] = state[f"{name}.sparse_values"].to(d)
+        want = w0[name] + 5.0 / 3 * (b @ a) + dense
+        torch.testing.assert_close(layer.base_weight().double(), want, rtol=0, atol=1e-6)
+        assert layer.merged_adapters == ["s"] and not layer.merged  # default still runs
+    model.unmerge_adapter(["s"])
+    for name, layer in model.wrapped_layers().items():
+        torch.testing.assert_close(layer.base_weight().double(), w0[name], rtol=0, atol=1e-6)
+
+
+def test_layer_holds_several_adapters():
+    torch.manual_seed(0)
+    layer = SpaloraLinear(torch.nn.Linear(9, 12), r=2, nnz=5)
+    other = layer.add_adapter("x", r=3, lora_alpha=6.0, nnz=7)
+    assert layer.adapter_names == ["default", "x"] and layer.active_adapter == "default"
+    assert not any(p.requires_grad for p in other.parameters())  # inactive: frozen
+    layer.set_adapter("x")
+    assert layer.r == 3 and layer.lora_A is other.lora_A and other.lora_A.requires_grad
+    layer.set_sparse(torch.arange(7) * 3, torch.arange(7.0))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 9)
+    out_x = layer(x)
+    layer.set_adapter("default")
+    w = layer.base_weight()
+    torch.testing.assert_close(out_x, x @ (w + layer.delta_weight("x")).t() + layer.base_layer.bias)
+    layer.merge(["x"])
+    torch.testing.assert_close(layer(x), out_x, rtol=1e-5, atol=1e-5)  # default's delta is 0
+    with pytest.raises(RuntimeError, match="merged"):
+        layer.delete_adapter("x")
+    assert layer.unmerge() == ["x"]
+    with pytest.raises(RuntimeError, match="active"):
+        layer.delete_adapter("default")
+    layer.delete_adapter("x")
+    assert layer.adapter_names == ["default"]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layer import SpaloraLinear, is_conv1d, is_quantized
-from .model import _matches, _set_submodule
+from .targeting import matches, set_submodule
 
 QUANT_TYPES = ("int8", "nf4", "fp4")
 FOUR_BIT = ("nf4", "fp4")
@@ -243,8 +243,8 @@ class QuantizedLinear(nn.Module):
 
 # ------------------------------------------------------------------ models
 def _targeted(name: str, target_modules: list[str] | str | None) -> bool:
-    """None: every layer; else model.py's matching (exact name, suffix, or regex)."""
-    return target_modules is None or _matches(name, target_modules)
+    """None: every layer; else the adapters' matching (exact name, suffix, or regex)."""
+    return target_modules is None or matches(name, target_modules)
 
 
 def quantize_base(
@@ -273,7 +273,7 @@ def quantize_base(
         if "base_layer" in parts or module is head:
             continue
         if isinstance(module, SpaloraLinear):
-            if module.merged:
+            if module.merged_adapters:
                 raise RuntimeError(f"{name} holds a merged adapter: unmerge_adapter() first")
             if not module.quantized and _targeted(name, target_modules):
                 todo.append((name, module))
@@ -292,7 +292,7 @@ def quantize_base(
         else:
             q = QuantizedLinear.from_float(module, quant_type, blocksize)
             q.train(module.training)
-            _set_submodule(root, name, q)
+            set_submodule(root, name, q)
     release_loaded_storage(root)
     return model
 
@@ -321,7 +321,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, QuantizedLinear):
             if name:
-                _set_submodule(model, name, module.to_float())
+                set_submodule(model, name, module.to_float())
             else:
                 raise ValueError("the model itself is a QuantizedLinear: call to_float()")
     return model
@@ -415,7 +415,7 @@ def finish_merge(
         q = QuantizedLinear.from_float(module, **fmt)
         q.train(module.training)
         report.add(name, q.dequantize(), exact.detach())
-        _set_submodule(model, name, q)
+        set_submodule(model, name, q)
     model.spalora_requantization = report
     print(f"[spalora] {report}", file=sys.stderr)
     return model, report
