@@ -229,15 +229,7 @@ def cmd_analyze(args: argparse.Namespace, command: str) -> list:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    commands = {
-        "accuracy": cmd_accuracy,
-        "speed": cmd_speed,
-        "analyze": cmd_analyze,
-        "runs": cmd_runs,
-        "pilot": cmd_pilot,
-        "v2": cmd_v2,
-    }
-    for path in commands[args.bench](args, _command(argv)):
+    for path in globals()[f"cmd_{args.bench}"](args, _command(argv)):
         print(f"[benchmarks] wrote {path}")
     return 0
 

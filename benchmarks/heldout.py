@@ -48,14 +48,7 @@ def bbc_fold(fold: int) -> Task:
     round robin), so the folds partition the corpus and every headline is tested exactly once."""
     import random
 
-    from spalora.tasks import (
-        BBC_TOPICS,
-        Example,
-        bbc_prompt,
-        label_match,
-        load_bbc_headlines,
-        stratified_split,
-    )
+    from spalora.tasks import bbc_task, load_bbc_headlines, stratified_split
 
     folds: list[list[tuple[str, str]]] = [[] for _ in range(FOLDS)]
     rng = random.Random(0)
@@ -72,18 +65,7 @@ def bbc_fold(fold: int) -> Task:
     rest = [row for k, f in enumerate(folds) if k != fold for row in f]
     train, validation = stratified_split(rest, VALIDATION_FRACTION, seed=1)
 
-    def examples(rows):
-        return [Example(bbc_prompt(h), t) for h, t in rows]
-
-    return Task(
-        "bbc-topic",
-        examples(train),
-        examples(validation),
-        examples(folds[fold]),
-        BBC_TOPICS,
-        max_new_tokens=4,
-        score=label_match,
-    )
+    return bbc_task(train, validation, folds[fold])
 
 
 def score(model, tokenizer, task: Task, profile, progress: bool) -> dict:

@@ -26,6 +26,21 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
+def wide_llama():
+    """tiny_llama's shape but 48 wide: a model an adapter saved from tiny_llama does not fit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=48,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(cfg)
+
+
 def word_tokenizer():
     """A 96-word tokenizer matching tiny_llama's vocabulary ("w0" ... "w95")."""
     from tokenizers import Tokenizer, models, pre_tokenizers

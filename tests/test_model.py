@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from spalora import SpaloraConfig, SpaloraLinear, SpaloraModel, get_spalora_model
 from spalora.masks import apply_masks
 
-from .conftest import tiny_llama
+from .conftest import tiny_llama, wide_llama
 
 
 def trained_adapter(model, method="rosa", **kw):
@@ -192,19 +192,9 @@ def test_adapter_that_does_not_fit_is_refused(tmp_path, corrupt):
 
 
 def test_adapter_for_another_model_is_refused(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     _saved(tmp_path)
-    other = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=96,
-            hidden_size=48,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    other = wide_llama()
     with pytest.raises(ValueError, match="has shape"):
         SpaloraModel.from_pretrained(other, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())

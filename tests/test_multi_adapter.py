@@ -7,7 +7,7 @@ from safetensors import safe_open
 from spalora import SpaloraConfig, SpaloraLinear, SpaloraModel, get_spalora_model
 from spalora.masks import apply_masks
 
-from .conftest import tiny_llama
+from .conftest import tiny_llama, wide_llama
 
 ROSA = SpaloraConfig(method="rosa", r=2, density=0.05)
 LORA_QV = SpaloraConfig(method="lora", r=4, target_modules=["q_proj", "v_proj"])
@@ -320,19 +320,9 @@ def test_added_adapter_is_initialised_as_a_fresh_one(token_batch):
 
 
 def test_adapter_that_does_not_fit_changes_nothing(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     other = get_spalora_model(
-        LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=96,
-                hidden_size=48,
-                intermediate_size=48,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-            )
-        ),
+        wide_llama(),
         SPARSE_MLP,
     )
     other.save_pretrained(tmp_path)

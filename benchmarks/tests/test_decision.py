@@ -10,7 +10,7 @@ from benchmarks import accuracy
 from benchmarks.decision import PAIRED_COLUMNS, collect, write_decision
 from tests.conftest import tiny_llama, word_tokenizer
 
-from .test_protocol2 import toy_task
+from .test_bench import toy_task
 
 
 @pytest.fixture

@@ -10,20 +10,9 @@ from benchmarks import accuracy, heldout
 from benchmarks.runs import ensure_runs, parse_seeds, parse_variant, specs_for
 from spalora.data import collate, encode_example
 from spalora.evaluate import completion_nll
-from spalora.tasks import Task
 from tests.conftest import WORD_EXAMPLES, tiny_llama, word_tokenizer
 
-
-def toy_task(name: str) -> Task:
-    return Task(
-        "toy",
-        WORD_EXAMPLES[:48],
-        WORD_EXAMPLES[48:56],
-        WORD_EXAMPLES[56:],
-        None,
-        max_new_tokens=2,
-        score=lambda p, t: p.split()[:1] == t.split()[:1],
-    )
+from .test_bench import toy_task
 
 
 def test_completion_nll_is_each_examples_own_mean_token_loss():

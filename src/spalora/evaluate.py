@@ -12,6 +12,14 @@ from .data import collate, encode_examples, end_of_turn_ids, prompt_ids
 from .tasks import Example
 
 
+def _eval_mode(model, tokenizer) -> tuple[bool, int, torch.device]:
+    """Put `model` in eval mode; returns whether it was training, the pad id and its device."""
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return was_training, pad, next(model.parameters()).device
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -25,11 +33,8 @@ def generate(
 ) -> list[str]:
     """Greedy completions of chat-templated prompts (after optional earlier turns), left-padded
     in batches of similar length."""
-    was_training = model.training
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training, pad, device = _eval_mode(model, tokenizer)
     stop = end_of_turn_ids(tokenizer) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id else [])
-    device = next(model.parameters()).device
     histories = histories or [()] * len(prompts)
     encoded = [prompt_ids(tokenizer, p, h) for p, h in zip(prompts, histories, strict=True)]
     # Sort by length so batches pad little; restore the order at the end.
@@ -71,10 +76,7 @@ def completion_loss_of(
     """Mean loss per completion token over `examples` (summed over tokens, not batch means)."""
     from .losses import completion_loss
 
-    was_training = model.training
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
+    was_training, pad, device = _eval_mode(model, tokenizer)
     encoded, report = encode_examples(tokenizer, examples, max_length, "truncate")
     if report:
         tqdm.write(f"[spalora] {desc}: {report}")
@@ -120,10 +122,7 @@ def completion_nll(
 
     from .data import encode_example
 
-    was_training = model.training
-    model.eval()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
+    was_training, pad, device = _eval_mode(model, tokenizer)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     slice_head = "logits_to_keep" in inspect.signature(base.forward).parameters
     encoded = [encode_example(tokenizer, e, max_length) for e in examples]

@@ -348,20 +348,6 @@ class SpaloraLinear(FrozenBase):
     """A frozen Linear/Conv1D plus named adapters (LoRA part of rank `r`, sparse part of `nnz`
     entries); the arguments size the first adapter, `adapter_name`, which is active."""
 
-    # the active adapter's fields, read-only here (resize and set_mask change them)
-    r = _active("r")
-    nnz = _active("nnz")
-    lora_alpha = _active("lora_alpha")
-    scale = _active("scale")
-    lora_dropout = _active("lora_dropout")
-    lora_A = _active("lora_A")
-    lora_B = _active("lora_B")
-    sparse_values = _active("sparse_values")
-    sparse_crow = _active("sparse_crow")
-    sparse_col = _active("sparse_col")
-    sparse_rows = _active("sparse_rows")
-    mask_ready = _active("mask_ready")
-
     def __init__(
         self,
         base_layer: nn.Module,
@@ -596,3 +582,13 @@ class SpaloraLinear(FrozenBase):
             f"{kind}({self.in_features}->{self.out_features}), active={self.active_adapter!r}, "
             f"merged={self.merged_adapters}"
         )
+
+
+# The active adapter's fields, read-only on the layer (resize and set_mask change them).
+ACTIVE_FIELDS = (
+    "r", "nnz", "lora_alpha", "scale", "lora_dropout", "lora_A", "lora_B", "sparse_values",
+    "sparse_crow", "sparse_col", "sparse_rows", "mask_ready",
+)  # fmt: skip
+for _field in ACTIVE_FIELDS:
+    setattr(SpaloraLinear, _field, _active(_field))
+del _field

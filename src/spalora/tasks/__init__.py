@@ -20,7 +20,14 @@ from .base import (
     normalize_number,
     number_match,
 )
-from .bbc import BBC_TOPICS, bbc_prompt, bbc_topic, load_bbc_headlines, stratified_split
+from .bbc import (
+    BBC_TOPICS,
+    bbc_prompt,
+    bbc_task,
+    bbc_topic,
+    load_bbc_headlines,
+    stratified_split,
+)
 from .files import load_file_task, split_by_prompt
 from .gsm import (
     GSM_INSTRUCTION,
@@ -42,6 +49,7 @@ TASKS: dict[str, Callable[..., Task]] = {
 FILE_TASK = "file"  # not in TASKS: it needs a `path` and takes the options of `load_file_task`
 
 __all__ = [
+    "bbc_task",
     "ARITHMETIC_ENTROPY",
     "ARITHMETIC_MODULES",
     "BBC_TOPICS",

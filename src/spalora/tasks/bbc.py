@@ -70,10 +70,8 @@ def stratified_split(rows: list[tuple[str, str]], test_fraction: float, seed: in
     return train, test
 
 
-def bbc_topic(seed: int = 0, test_fraction: float = 0.2, validation_fraction: float = 0.1) -> Task:
-    """Stratified 80/20 train/test split; validation is 10% of train, stratified likewise."""
-    train, test = stratified_split(load_bbc_headlines(), test_fraction, seed)
-    train, validation = stratified_split(train, validation_fraction, seed + 1)
+def bbc_task(train: list, validation: list, test: list) -> Task:
+    """The bbc-topic task over given (headline, topic) rows (its prompt, labels and metric)."""
 
     def to_examples(rows):
         return [Example(bbc_prompt(h), t) for h, t in rows]
@@ -87,3 +85,10 @@ def bbc_topic(seed: int = 0, test_fraction: float = 0.2, validation_fraction: fl
         max_new_tokens=4,
         score=label_match,
     )
+
+
+def bbc_topic(seed: int = 0, test_fraction: float = 0.2, validation_fraction: float = 0.1) -> Task:
+    """Stratified 80/20 train/test split; validation is 10% of train, stratified likewise."""
+    train, test = stratified_split(load_bbc_headlines(), test_fraction, seed)
+    train, validation = stratified_split(train, validation_fraction, seed + 1)
+    return bbc_task(train, validation, test)
