@@ -1,5 +1,6 @@
 # Two commands on a fresh machine:
-#   make demo   # RoSA on SmolLM2-135M-Instruct + BBC headlines (real model, real data), ~10 min on 2 cores
+#   make demo   # RoSA on SmolLM2-135M-Instruct + BBC headlines (real model, real data), a few minutes
+#               # (configs/demo.yaml; `make demo-full` or `spalora train`: the full default run)
 #   make test   # the test suite
 # Each creates .venv and installs what it needs (torch pinned to the CPU build on this disk).
 
@@ -11,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint lint-imports bench-layer clean
+.PHONY: install demo demo-full test lint lint-imports bench-layer clean
 
 $(STAMP): pyproject.toml Makefile constraints.txt
 	$(PY) -m venv $(VENV)
@@ -31,6 +32,9 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
+	$(BIN)/spalora train --config configs/demo.yaml
+
+demo-full: $(STAMP)
 	$(BIN)/spalora train
 
 test: $(STAMP)

@@ -23,18 +23,21 @@ from .conftest import WORD_EXAMPLES, tiny_llama, word_tokenizer
 ADAPTER = dict(method="rosa", r=2, density=0.05, warmup_steps=3, mask_batches=2, lora_dropout=0.1)
 
 
-def run(tmp, steps=14, resume=False, every=4):
-    model = get_spalora_model(tiny_llama(), SpaloraConfig(**ADAPTER))
+def run(tmp, steps=14, resume=False, every=4, adapter=None, **train_kw):
+    model = get_spalora_model(tiny_llama(), SpaloraConfig(**(adapter or ADAPTER)))
     cfg = TrainConfig(
-        steps=steps,
-        batch_size=8,
-        lora_lr=1e-2,
-        sparse_lr=1e-2,
-        progress=False,
-        checkpoint_dir=str(tmp),
-        checkpoint_every=every,
-        resume=resume,
-        seed=3,
+        **{
+            "steps": steps,
+            "batch_size": 8,
+            "lora_lr": 1e-2,
+            "sparse_lr": 1e-2,
+            "progress": False,
+            "checkpoint_dir": str(tmp),
+            "checkpoint_every": every,
+            "resume": resume,
+            "seed": 3,
+            **train_kw,
+        }
     )
     out = train(model, word_tokenizer(), WORD_EXAMPLES, cfg)
     return model.adapter_state_dict(), out
@@ -183,6 +186,32 @@ def test_checkpoints_of_another_run_are_refused(tmp_path):
         run(tmp_path, steps=8, every=4)  # would prune or later resume the old run's files
     with pytest.raises(ValueError, match="cannot be resumed"):
         run(tmp_path, steps=10, every=4, resume=True)  # a different LR schedule length
+
+
+def test_resume_with_a_changed_recipe_names_every_field_that_differs(tmp_path, capsys):
+    """Whatever changes what is trained (method, sizes, mask, rates, steps) refuses a resume,
+    each field named; what does not (checkpoint spacing, progress) may change."""
+    run(tmp_path, steps=8, every=4)
+    other = ADAPTER | {"method": "sparse", "mask_strategy": "random", "lora_dropout": 0.0}
+    with pytest.raises(ValueError) as info:
+        run(tmp_path, steps=8, every=4, resume=True, adapter=other, lora_lr=0.5, max_length=64)
+    message = str(info.value)
+    for field in (
+        "adapter.method='rosa' (now 'sparse')",
+        "adapter.mask_strategy='fisher' (now 'random')",
+        "adapter.lora_dropout=0.1 (now 0.0)",
+        "train.lora_lr=0.01 (now 0.5)",
+        "train.max_length=256 (now 64)",
+    ):
+        assert field in message, (field, message)
+    _, out = run(tmp_path, steps=8, every=2, resume=True)  # spacing is no part of the recipe
+    assert out["resumed_from"] == 8
+
+
+def test_resume_without_a_checkpoint_says_it_starts_fresh(tmp_path, capsys):
+    _, out = run(tmp_path / "empty", steps=4, every=4, resume=True)
+    assert out["resumed_from"] is None and out["steps_run"] == 4
+    assert f"no checkpoint in {tmp_path / 'empty'}; starting a fresh run" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):

@@ -6,7 +6,9 @@ mask-schedule phase, data position, RNG states, loss history). It is written to 
 folder and renamed into place, so a crash during a save leaves the previous checkpoint intact;
 only the newest `keep_last` are kept. (Files are not fsynced: a power loss, unlike a killed
 process, may still leave a renamed folder with incomplete files.) Resume is bitwise equal on
-CPU; on CUDA it also needs torch.use_deterministic_algorithms(True).
+CPU; on CUDA it also needs torch.use_deterministic_algorithms(True). Each checkpoint records the
+recipe that trained it (`training_recipe`), and a resume that would change it is refused, each
+differing field named (`check_resumable`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,31 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import SpaloraConfig, TrainConfig, recipe_fields
+
 STATE_NAME = "state.json"
 OPTIM_NAME = "optimizer.safetensors"
+
+# The TrainConfig fields that change what is trained (a resume must keep them); the others
+# (where files go, how often to evaluate or checkpoint, progress) may change between runs.
+TRAINED_FIELDS = (
+    "steps",
+    "batch_size",
+    "grad_accum",
+    "lora_lr",
+    "sparse_lr",
+    "lr_warmup_steps",
+    "max_grad_norm",
+    "max_length",
+    "seed",
+    "overlong",
+    "bf16",
+)
 
 
 def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -145,3 +166,56 @@ def load_checkpoint(path: str | Path, model, optimizer, rank: int = 0) -> dict:
     version, inner, gauss = state.pop("python_rng")
     random.setstate((version, tuple(inner), gauss))
     return state
+
+
+def training_recipe(
+    adapter: SpaloraConfig | None, cfg: TrainConfig, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Every setting that decides the trained adapter, as flat "section.key" -> JSON value.
+
+    Written into each checkpoint, so a resume can refuse a changed recipe by name; `extra` holds
+    a job's own keys (model, task, data)."""
+    out: dict[str, Any] = {f"train.{key}": getattr(cfg, key) for key in TRAINED_FIELDS}
+    if adapter is not None:
+        saved = adapter.to_dict()
+        keys = [f.name for f in recipe_fields(SpaloraConfig)] + ["seed"]
+        out.update({f"adapter.{key}": saved[key] for key in keys})
+    out.update(extra or {})
+    return json.loads(json.dumps(out, default=str))  # as state.json holds it: lists, not tuples
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    return [
+        f"{key}={saved.get(key)!r} (now {now.get(key)!r})"
+        for key in sorted(set(saved) | set(now))
+        if saved.get(key) != now.get(key)
+    ]
+
+
+def check_resumable(
+    checkpoint: str | Path, recipe: dict[str, Any], signature: dict[str, Any] | None = None
+) -> None:
+    """Refuse to resume `checkpoint` with another recipe, naming every field that differs.
+
+    `signature` (data size, world size) is known only once the data is encoded; without it the
+    recipe alone is compared (a job does this before it loads the model). Checkpoints written
+    before recipes were recorded compare their signature only."""
+    state = read_state(checkpoint)
+    diffs: list[str] = []
+    if "recipe" in state:
+        diffs += _differences(state["recipe"], recipe)
+        keys = ("n_examples", "world_size")  # the rest of the signature is in the recipe
+    else:
+        keys = tuple(set(state.get("signature") or {}) | set(signature or {}))
+    if signature is not None:
+        saved = state.get("signature") or {}
+        diffs += _differences(
+            {k: saved.get(k) for k in keys if k in saved or k in signature},
+            {k: signature.get(k) for k in keys if k in saved or k in signature},
+        )
+    if diffs:
+        raise ValueError(
+            f"{checkpoint} cannot be resumed with these settings; its run was trained with "
+            f"{', '.join(diffs)}. Resume with the run's own settings, or train into another "
+            "output folder"
+        )

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
-import os
 import re
 import sys
 import time
@@ -20,7 +18,6 @@ from .config import (
     RECIPE_SECTIONS,
     RunConfig,
     SpaloraConfig,
-    TrainConfig,
     recipe_default,
     recipe_defaults,
 )
@@ -74,6 +71,8 @@ FLAGS = {
     "val_limit": (None, "val_limit"),
     "checkpoint_every": ("train", "checkpoint_every"),
     "resume": ("train", "resume"),
+    "overwrite": (None, "overwrite"),
+    "device": (None, "device"),
 }
 # What only the command line needs: other spellings of a flag, and notes on spelling it.
 ALIASES = {"r": ("--lora-r",)}
@@ -148,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=RunConfig.eval_batch_size)
     e.add_argument("--output-dir", help="where predictions.jsonl and metrics.json go")
     e.add_argument("--seed", type=int, help="the task's split seed (default: the adapter's)")
+    add_field_flag(e, "device")
     e.add_argument("--no-progress", action="store_true")
 
     m = sub.add_parser("merge", help="fold an adapter into its base model and save the result")
@@ -221,151 +221,18 @@ def resolve_recipe(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """`spalora train`; under torchrun / accelerate launch every rank runs it (see train())."""
-    import torch.distributed as dist
+    """`spalora train`: the resolved recipe, run by FinetuneRecipe (under torchrun / accelerate
+    launch every rank runs it; rank 0 prints and writes)."""
+    from .recipes import FinetuneConfig, FinetuneRecipe, JobError
 
-    from .distributed import close_distributed
-
-    opened_before = dist.is_available() and dist.is_initialized()  # then not ours to close
-    try:
-        return _train_command(args)
-    finally:
-        if not opened_before:  # a process group this command opened (several ranks)
-            close_distributed()
-
-
-def _train_command(args: argparse.Namespace) -> int:
-    from .distributed import init_distributed, is_main
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     recipe = resolve_recipe(args)
     try:
-        adapter_cfg = SpaloraConfig(**recipe["adapter"])
-        train_kwargs = {
-            **recipe["train"],
-            "progress": not args.no_progress,
-            "checkpoint_dir": str(Path(recipe["output_dir"]) / "checkpoints"),
-            "log_path": str(Path(recipe["output_dir"]) / "history.jsonl"),
-        }
-        tensorboard = importlib.util.find_spec("tensorboard") is not None
-        if train_kwargs["tensorboard_dir"] is None and tensorboard:  # TensorBoard when installed
-            train_kwargs["tensorboard_dir"] = str(Path(recipe["output_dir"]) / "tensorboard")
-        train_cfg = TrainConfig(**train_kwargs)
-    except (TypeError, ValueError) as exc:
+        cfg = FinetuneConfig.from_recipe(
+            recipe, progress=not args.no_progress, evaluate=not args.no_eval
+        )
+        return FinetuneRecipe(cfg).run()
+    except JobError as exc:
         raise SystemExit(f"error: {exc}") from exc
-
-    from .distributed import local_device
-    from .evaluate import completion_loss_of, evaluate_task, format_value
-    from .hub import load_model_and_tokenizer
-    from .model import get_spalora_model
-    from .train import train
-
-    init_distributed()  # several ranks: every one runs this command; rank 0 prints and writes
-    main = is_main()
-    say = print if main else _silent
-    out = Path(recipe["output_dir"])
-    started = time.perf_counter()
-    task = _load_task(recipe["task"], train_cfg.seed, recipe["data"])
-    say(f"[spalora] loading {recipe['model']}", file=sys.stderr, flush=True)
-    model, tokenizer = load_model_and_tokenizer(recipe["model"])
-    model.to(local_device())  # this rank's GPU under nccl; the CPU otherwise (as before)
-    if recipe["quantize"]:  # before the zero-shot evaluation, which then measures this base
-        from .quant import base_memory, quantize_base
-
-        try:
-            quantize_base(model, recipe["quantize"])
-        except (ImportError, ValueError) as exc:
-            raise SystemExit(f"error: {exc}") from exc
-        say(f"[spalora] base quantized to {recipe['quantize']}: {base_memory(model)}")
-    test = task.test[: recipe["eval_limit"]] if recipe["eval_limit"] else task.test
-    validation = task.validation[: recipe["val_limit"]] if recipe["val_limit"] else task.validation
-    say(f"[spalora] task {task.summary()}; testing on {len(test)}", file=sys.stderr)
-    for note in task.notes:
-        say(f"[spalora] data: {note}", file=sys.stderr)
-    progress = not args.no_progress and main
-    metric = task.metric
-    metrics: dict = {"recipe": recipe, "metric": metric, "data_notes": task.notes}
-    out.mkdir(parents=True, exist_ok=True)
-    zero_shot_file = out / "zero_shot.json"
-    if not args.no_eval and train_cfg.resume and zero_shot_file.exists():
-        saved = json.loads(zero_shot_file.read_text())
-        metrics["zero_shot"] = saved.get("value", saved.get("accuracy"))  # older runs: "accuracy"
-    elif not args.no_eval:
-        zs = evaluate_task(
-            model, tokenizer, task, test, recipe["eval_batch_size"], progress, "zero-shot eval"
-        )
-        metrics["zero_shot"] = zs["value"]
-        zs_row = {"metric": metric, "value": zs["value"], "n": zs["n"]}
-        if main:
-            zero_shot_file.write_text(json.dumps(zs_row))
-        say(
-            f"[spalora] zero-shot {metric}: {format_value(metric, zs['value'])} "
-            f"on {zs['n']} held-out examples"
-        )
-    adapter_cfg.base_model_name_or_path = recipe["model"]  # what `spalora eval/merge` reload
-    try:
-        model = get_spalora_model(model, adapter_cfg)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from exc
-    if main:
-        print(model.allocation_table() if len(model.allocations) <= 16 else _short_table(model))
-        model.print_trainable_parameters()
-
-    def on_validation(m) -> dict[str, float]:
-        """The task metric (unless loss-only) and the completion loss on the validation split."""
-        loss = completion_loss_of(
-            m, tokenizer, validation, max_length=train_cfg.max_length, progress=False
-        )
-        values = {"loss": loss["loss"]}
-        if task.score is not None:
-            result = evaluate_task(
-                m, tokenizer, task, validation, recipe["eval_batch_size"], False, "validation"
-            )
-            values[metric] = result["value"]
-        return values
-
-    if not validation:
-        train_cfg.eval_every = 0
-    try:
-        result = train(model, tokenizer, task.train, train_cfg, on_validation)
-    except ValueError as exc:  # e.g. checkpoints of another run in the output folder
-        raise SystemExit(f"error: {exc}") from exc
-    metrics.update({k: v for k, v in result.items() if k != "history"})
-    if not args.no_eval:
-        if validation:
-            metrics["validation"] = on_validation(model)
-        ev = evaluate_task(
-            model, tokenizer, task, test, recipe["eval_batch_size"], progress, "final eval"
-        )
-        metrics["test"] = ev["value"]
-        metrics["n_test"] = ev["n"]
-        line = f"[spalora] test {metric} after training: {format_value(metric, ev['value'])}"
-        if "zero_shot" in metrics:
-            line += f" (zero-shot {format_value(metric, metrics['zero_shot'])})"
-        say(line)
-    if not main:  # the same adapter is on every rank; rank 0 writes it
-        return 0
-    adapter_dir = out / "adapter"
-    model.save_pretrained(adapter_dir)
-    size = (adapter_dir / "adapter_model.safetensors").stat().st_size
-    trainable, _ = model.get_nb_trainable_parameters()
-    metrics.update(
-        {
-            "trainable_params": trainable,
-            "adapter_bytes": size,
-            "wall_seconds": time.perf_counter() - started,
-        }
-    )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(
-        f"[spalora] saved adapter to {adapter_dir} ({size / 1e6:.2f} MB); "
-        f"total wall time {metrics['wall_seconds']:.0f} s"
-    )
-    return 0
-
-
-def _silent(*_args, **_kwargs) -> None:
-    """print() on ranks other than 0."""
 
 
 def _load_task(name: str, seed: int, data: dict):
@@ -391,6 +258,7 @@ def _base_model_for(adapter: str | None, model: str | None) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .distributed import resolve_device
     from .evaluate import evaluate_task, format_value
     from .hub import load_model_and_tokenizer
     from .model import SpaloraModel
@@ -403,10 +271,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for note in task.notes:
         print(f"[spalora] data: {note}", file=sys.stderr)
     model_name = _base_model_for(args.adapter, args.model)
+    try:
+        device = resolve_device(args.device or RunConfig.device)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
     started = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(model_name)
     if args.adapter:
         model = SpaloraModel.from_pretrained(model, args.adapter)
+    model.to(device)
     examples = task.test if args.split == "test" else task.validation
     examples = examples[: args.limit] if args.limit else examples
     result = evaluate_task(model, tokenizer, task, examples, args.batch_size, not args.no_progress)
@@ -479,28 +352,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for path in paths:
         print(f"[spalora] wrote {path}")
     return 0
-
-
-def _short_table(model) -> str:
-    """Per module type (q_proj, ...): layers, r, nnz and density, summed over the layers."""
-    rows: dict[str, list] = {}
-    for a in model.allocations:
-        kind = a.name.rsplit(".", 1)[-1]
-        row = rows.setdefault(kind, [0, a.r, 0, 0, 0, f"{a.out_features}x{a.in_features}"])
-        row[0] += 1
-        row[2] += a.nnz
-        row[3] += a.out_features * a.in_features
-        row[4] += a.params
-    lines = [
-        f"{'module':<12} {'layers':>6} {'shape':>10} {'r':>4} {'nnz':>10} {'density':>8} "
-        f"{'params':>11}"
-    ]
-    for kind, (n, r, nnz, numel, params, shape) in rows.items():
-        lines.append(
-            f"{kind:<12} {n:>6} {shape:>10} {r:>4} {nnz:>10,} {nnz / numel:>8.3%} {params:>11,}"
-        )
-    lines.append(f"total trainable: {sum(a.params for a in model.allocations):,}")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

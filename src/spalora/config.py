@@ -320,6 +320,15 @@ class RunConfig:
         "nf4/fp4 need pip install 'spalora[quant]'); see docs/quantization.md",
         choices=("int8", "nf4", "fp4"),
     )
+    device: str = option(
+        "auto",
+        "where to train and evaluate: auto (the GPU when torch sees one, under torchrun this "
+        "rank's), cpu, or cuda (an error without a GPU)",
+        choices=("auto", "cpu", "cuda"),
+    )
+    overwrite: bool = option(
+        False, "train into an output folder that holds a finished run, replacing its results"
+    )
 
 
 @dataclass

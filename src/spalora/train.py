@@ -1,19 +1,29 @@
-"""The training recipe: one readable loop (AdamW with LoRA/sparse groups, warm-up + linear decay,
-gradient clipping) that drives the mask schedule. Explicit config, torchtune style."""
+"""The training loop: AdamW with LoRA/sparse groups, warm-up + linear decay and gradient clipping,
+driving the mask schedule. `train()` runs it on a model; `Trainer` is the same loop as named steps
+(data, optimizer, schedule, resume, the loop, checkpoints, cleanup) that a job composes
+(`spalora.recipes.finetune`). Explicit config, torchtune style."""
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import list_checkpoints, load_checkpoint, read_state, rng_state, save_checkpoint
+from .checkpoint import (
+    check_resumable,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    training_recipe,
+)
 from .config import SpaloraConfig, TrainConfig
 from .data import batches, encode_examples
 from .distributed import (
@@ -31,6 +41,7 @@ from .distributed import (
 )
 from .losses import completion_loss  # the name the loop calls (tests patch it here)
 from .model import SpaloraModel
+from .runlog import RunLog
 from .schedule import MaskSchedule
 
 
@@ -70,20 +81,317 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def tensorboard_writer(log_dir: str | None):
-    """A SummaryWriter when a folder is asked for and TensorBoard is installed, else None."""
-    if not log_dir:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # torch's writer needs the `tensorboard` package
-        tqdm.write(
-            "[spalora] TensorBoard is not installed (pip install tensorboard): "
-            "logging to history.jsonl only",
-            file=sys.stderr,
+class Trainer:
+    """One model's training as named steps; `setup()` runs them in order, `train()` is the loop.
+
+    Invariants: every check on earlier checkpoints comes before anything (hooks, adapter values)
+    changes; the RNG is seeded before the optimizer and schedule are built and restored from a
+    checkpoint before the first batch, so a resumed run continues bit for bit.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        cfg: TrainConfig,
+        evaluate_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+        recipe_extra: dict[str, Any] | None = None,
+    ) -> None:
+        if cfg.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {cfg.grad_accum}")
+        if cfg.eval_every and evaluate_fn is None:
+            raise ValueError("eval_every is set but no evaluate_fn was given")
+        resolve_mode(cfg.distributed)  # a bad value fails in one process too
+        init_distributed()
+        self.world, self.rank = world_size(), rank()
+        self.main = self.rank == 0  # the one process that writes files and shows progress
+        if self.world > 1 and local_device().type == "cuda":
+            model.to(local_device())
+        self.model, self.tokenizer, self.cfg, self.evaluate_fn = model, tokenizer, cfg, evaluate_fn
+        self.is_spalora = isinstance(model, SpaloraModel)
+        adapter = model.spalora_config if self.is_spalora else None
+        self.recipe = training_recipe(adapter, cfg, recipe_extra)
+        self.schedule: MaskSchedule | NoSchedule = NoSchedule()
+        self.history: list[dict] = []
+        self.step = self.lr_step = self.consumed = 0  # consumed: micro-batches over all ranks
+        self.latest: Path | None = None
+        self.resumed_from: int | None = None
+        self.parallel: DistributedTraining | None = None
+        self.runlog: RunLog | None = None
+        self.bar = None
+        self.closed = False
+        self.started = time.perf_counter()
+        torch.manual_seed(cfg.seed + self.rank)  # ranks draw different dropout masks
+
+    def setup(self, examples) -> None:
+        """The named steps in order; each refusal comes before anything changes."""
+        self.setup_data(examples)
+        self.find_checkpoint()
+        self.setup_optimizer()
+        self.setup_schedule()
+        self.resume()
+        self.setup_parallel()
+        self.setup_logging()
+
+    def setup_data(self, examples) -> None:
+        """Tokenize the examples; the signature ties a checkpoint to this data and batching."""
+        cfg, tok = self.cfg, self.tokenizer
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.encoded, self.length_report = encode_examples(
+            tok, examples, cfg.max_length, cfg.overlong
         )
-        return None
-    return SummaryWriter(log_dir)
+        if self.length_report and self.main:
+            tqdm.write(f"[spalora] training data: {self.length_report}", file=sys.stderr)
+        self.signature = {
+            "steps": cfg.steps,
+            "batch_size": cfg.batch_size,
+            "grad_accum": cfg.grad_accum,
+            "seed": cfg.seed,
+            "n_examples": len(self.encoded),
+        }
+        if self.world > 1:  # the global batch depends on it (one-process signatures unchanged)
+            self.signature["world_size"] = self.world
+
+    def find_checkpoint(self) -> None:
+        """The checkpoint to resume from (None: a fresh run), after every check on it."""
+        cfg = self.cfg
+        if (cfg.checkpoint_every or cfg.resume) and not self.is_spalora:
+            raise ValueError("checkpoints and resume are for spalora models only")
+        existing = list_checkpoints(cfg.checkpoint_dir) if cfg.checkpoint_dir else []
+        if self.world > 1 and cfg.checkpoint_dir:  # every rank resumes from the same checkpoint
+            agree(
+                [p.name for p in existing],
+                f"the checkpoints in {cfg.checkpoint_dir} (every node must see that folder)",
+            )
+        if existing and not cfg.resume and cfg.checkpoint_every:
+            raise ValueError(
+                f"{cfg.checkpoint_dir} holds checkpoints of an earlier run: resume it, "
+                "or remove them or choose another output folder"
+            )
+        if cfg.resume and not existing and self.main:
+            where = cfg.checkpoint_dir or "(no checkpoint folder given)"
+            tqdm.write(
+                f"[spalora] resume: no checkpoint in {where}; starting a fresh run",
+                file=sys.stderr,
+            )
+        self.latest = existing[-1] if cfg.resume and existing else None
+        if self.latest is not None:
+            check_resumable(self.latest, self.recipe, self.signature)
+
+    def setup_optimizer(self) -> None:
+        """AdamW over the LoRA and sparse groups (a model without spalora layers: one group)."""
+        model, cfg = self.model, self.cfg
+        if self.is_spalora:
+            if self.latest is not None:  # our method may have truncated: match the saved sizes
+                saved = SpaloraConfig.load(self.latest / "adapter")
+                now = model.spalora_config
+                if (saved.rank_pattern, saved.nnz_pattern) != (now.rank_pattern, now.nnz_pattern):
+                    model.resize_layers(saved)
+            groups = model.parameter_groups(cfg.lora_lr, cfg.sparse_lr)
+        else:  # a PEFT model or full fine-tuning: every trainable parameter at lora_lr
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            groups = [{"params": trainable, "lr": cfg.lora_lr, "name": "all"}]
+        for g in groups:
+            g["initial_lr"] = g["lr"]
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.params = [p for g in groups for p in g["params"]]
+
+    def setup_schedule(self) -> None:
+        """The mask schedule (or our method's controller) the loop steps after each update."""
+        if self.is_spalora:
+            progress = self.cfg.progress and self.main
+            self.schedule = MaskSchedule(self.model, progress=progress, total_steps=self.cfg.steps)
+
+    def resume(self) -> None:
+        """Restore adapter, optimizer, RNG, schedule and position from the checkpoint, if any."""
+        self.model.train()
+        if self.latest is None:
+            return
+        saved = load_checkpoint(self.latest, self.model, self.optimizer, rank=self.rank)
+        self.step, self.lr_step, self.consumed = saved["step"], saved["lr_step"], saved["consumed"]
+        self.resumed_from = self.step
+        self.history = saved["history"]
+        self.schedule.load_state_dict(saved["schedule"])
+        if self.main:
+            tqdm.write(
+                f"[spalora] resumed from {self.latest} (step {self.step}, "
+                f"phase {self.schedule.phase})",
+                file=sys.stderr,
+            )
+
+    def setup_parallel(self) -> None:
+        """After any load: rank 0's adapters copied to all, then DDP wraps or FSDP shards."""
+        cfg = self.cfg
+        self.parallel = DistributedTraining(self.model, cfg.distributed)
+        if self.world > 1 and self.main:
+            global_batch = cfg.batch_size * cfg.grad_accum * self.world
+            tqdm.write(
+                f"[spalora] {self.world} processes ({dist_backend()}, "
+                f"{self.parallel.mode.upper()}): global batch {cfg.batch_size} x "
+                f"{cfg.grad_accum} x {self.world} = {global_batch}",
+                file=sys.stderr,
+            )
+        self.stream = batches(
+            self.encoded, cfg.batch_size, self.pad, cfg.seed, self.consumed, self.rank, self.world
+        )
+        self.device = next(self.model.parameters()).device
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+        )
+
+    def setup_logging(self) -> None:
+        """history.jsonl (rewritten on resume, then appended as the run goes) and TensorBoard."""
+        if self.main:
+            self.runlog = RunLog(self.cfg.log_path, self.cfg.tensorboard_dir, self.history)
+
+    def train(self) -> None:
+        """The loop: set the rates, one optimizer step, one schedule step, log, evaluate and
+        checkpoint when due, until `steps` steps after the last (re)start."""
+        cfg = self.cfg
+        show = cfg.progress and self.main
+        self.bar = tqdm(total=cfg.steps, initial=self.lr_step, desc="training", disable=not show)
+        self.started = time.perf_counter()
+        while self.lr_step < cfg.steps:
+            factor = self.set_learning_rates()
+            loss = self.train_step()
+            phase = self.schedule.phase
+            events = self.step_schedule()
+            self.record({"step": self.step, "loss": loss, "phase": phase, "lr": factor})
+            self.step += 1
+            self.lr_step += 1
+            self.on_schedule_events(events, phase, loss)
+            if self.evaluation_due():
+                self.record({"step": self.step, "validation": self.evaluate_fn(self.model)})
+            if self.checkpoint_due():
+                self.save_checkpoint()
+        check_in_sync(self.model, "at the end of training")
+
+    def set_learning_rates(self) -> float:
+        """Each group's rate for this step; returns the shared warm-up/decay factor."""
+        factor = lr_factor(self.lr_step, self.cfg.lr_warmup_steps, self.cfg.steps)
+        factor *= self.schedule.lr_scale()
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * factor * self.schedule.group_lr_scale(g.get("name"))
+        return factor
+
+    def train_step(self) -> float:
+        """One optimizer step over `grad_accum` micro-batches per rank; returns the global
+        batch's loss. A non-finite loss stops the run before the update."""
+        cfg, parallel = self.cfg, self.parallel
+        total_loss = 0.0
+        for i in range(cfg.grad_accum):
+            batch = {k: v.to(self.device) for k, v in next(self.stream).items()}
+            self.consumed += self.world
+            with parallel.no_sync(last_micro_batch=i == cfg.grad_accum - 1):
+                with self.autocast:
+                    loss = completion_loss(parallel.engine, batch) / cfg.grad_accum
+                if self.world == 1:
+                    self.stop_unless_finite(loss.item())
+                loss.backward()
+            total_loss += loss.item()
+        if self.world > 1:
+            parallel.average_gradients(self.params)
+            total_loss = mean_over_ranks(total_loss)  # the global batch's loss, on all ranks
+            self.stop_unless_finite(total_loss)  # every rank stops (one alone would hang)
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total_loss
+
+    def stop_unless_finite(self, loss: float) -> None:
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss} at step {self.step}: stopping before the update "
+                "(the last checkpoint, if any, is the last good state)"
+            )
+
+    def step_schedule(self) -> list[str]:
+        """One schedule step; returns the events it raised ("resized", "restarted").
+
+        Read from the schedule's flags and reset here: a schedule whose `step` returns its
+        events replaces this body with `return self.schedule.step(self.optimizer)`."""
+        self.schedule.step(self.optimizer)
+        events = [name for name in ("resized", "restarted") if getattr(self.schedule, name)]
+        for name in events:
+            setattr(self.schedule, name, False)
+        return events
+
+    def on_schedule_events(self, events: list[str], phase_before: str, loss: float) -> None:
+        """The loop's one reaction to the schedule: new tensors, a re-wrap, a restart."""
+        if "resized" in events:  # our method truncated its layers: new parameter tensors
+            self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        phase = self.schedule.phase
+        if self.world > 1 and ("resized" in events or phase != phase_before):
+            self.parallel.trained_tensors_changed()  # masks set or layers truncated: new DDP
+            check_in_sync(self.model, f"after step {self.step - 1} ({phase_before} -> {phase})")
+        if "restarted" in events:  # the paper's recipe: train both parts again from step 0
+            self.lr_step = 0
+            self.bar.reset(total=self.cfg.steps)
+        else:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}", phase=phase)
+
+    def evaluation_due(self) -> bool:
+        """Every `eval_every` steps, not at the end, never while mask statistics accumulate
+        (they stay training-only)."""
+        every = self.cfg.eval_every
+        due = every and self.step % every == 0 and self.lr_step < self.cfg.steps
+        return bool(due) and self.schedule.phase != "collect"
+
+    def checkpoint_due(self) -> bool:
+        """Every `checkpoint_every` steps, except while mask statistics accumulate (they are
+        not part of a checkpoint)."""
+        every = self.cfg.checkpoint_every
+        return bool(every) and self.step % every == 0 and self.schedule.phase != "collect"
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "step": self.step,
+            "lr_step": self.lr_step,
+            "consumed": self.consumed,
+            "signature": self.signature,
+            "recipe": self.recipe,
+            "schedule": self.schedule.state_dict(),
+            "history": self.history,
+        }
+        rank_rng = gather_objects(rng_state()) if self.world > 1 else None  # all ranks
+        if self.main:
+            cfg = self.cfg
+            save_checkpoint(
+                cfg.checkpoint_dir, self.model, self.optimizer, state, cfg.keep_last, rank_rng
+            )
+
+    def record(self, row: dict) -> None:
+        """Every rank keeps the history; rank 0 writes it to the log and TensorBoard."""
+        self.history.append(row)
+        if self.runlog is not None:
+            self.runlog.write(row)
+
+    def cleanup(self) -> None:
+        """Detach the schedule's hooks and close the bar and logs; safe to call twice."""
+        if not self.closed:  # the schedule's end-of-run warning is said once
+            self.schedule.close()
+            self.closed = True
+        for handle in (self.bar, self.runlog):
+            if handle is not None:
+                handle.close()
+        self.bar = self.runlog = None
+
+    def result(self) -> dict:
+        controller = self.schedule.controller
+        return {
+            "history": self.history,
+            "train_seconds": time.perf_counter() - self.started,
+            "steps_run": self.step,
+            "mask_step": self.schedule.mask_step,
+            "final_phase": self.schedule.phase,
+            # our method: how the budget was split at each refresh, and what the truncation cut
+            "budget_log": None if controller is None else list(controller.log),
+            "resumed_from": self.resumed_from,
+            "length_report": self.length_report,
+            "world_size": self.world,
+            "distributed": self.parallel.mode,  # "single", "ddp" or "fsdp"
+        }
 
 
 def train(
@@ -106,211 +414,13 @@ def train(
     Launched by torchrun or accelerate with WORLD_SIZE > 1, the same call trains on every rank
     (spalora.distributed: DDP or FSDP, each rank its share of the micro-batches, mask statistics
     summed over ranks); every rank runs `evaluate_fn` and returns the same history, and rank 0
-    alone writes checkpoints and logs. On GPUs the model moves to this rank's device.
+    alone writes checkpoints and logs. On GPUs the model moves to this rank's device; in one
+    process it trains where it is.
     """
-    if cfg.grad_accum < 1:
-        raise ValueError(f"grad_accum must be >= 1, got {cfg.grad_accum}")
-    if cfg.eval_every and evaluate_fn is None:
-        raise ValueError("eval_every is set but no evaluate_fn was given")
-    resolve_mode(cfg.distributed)  # a bad value fails in one process too
-    init_distributed()
-    world, this_rank = world_size(), rank()
-    main = this_rank == 0  # the one process that writes files and shows progress
-    if world > 1 and local_device().type == "cuda":
-        model.to(local_device())
-    torch.manual_seed(cfg.seed + this_rank)  # ranks draw different dropout masks
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded, length_report = encode_examples(tokenizer, examples, cfg.max_length, cfg.overlong)
-    if length_report and main:
-        tqdm.write(f"[spalora] training data: {length_report}", file=sys.stderr)
-    # Every check on earlier checkpoints comes before anything (hooks, adapter values) changes.
-    signature = {
-        "steps": cfg.steps,
-        "batch_size": cfg.batch_size,
-        "grad_accum": cfg.grad_accum,
-        "seed": cfg.seed,
-        "n_examples": len(encoded),
-    }
-    if world > 1:  # the global batch depends on it (one-process signatures stay as they were)
-        signature["world_size"] = world
-    existing = list_checkpoints(cfg.checkpoint_dir) if cfg.checkpoint_dir else []
-    if world > 1 and cfg.checkpoint_dir:  # every rank must resume from the same checkpoint
-        agree(
-            [p.name for p in existing],
-            f"the checkpoints in {cfg.checkpoint_dir} (every node must see that folder)",
-        )
-    if existing and not cfg.resume and cfg.checkpoint_every:
-        raise ValueError(
-            f"{cfg.checkpoint_dir} holds checkpoints of an earlier run: resume it, "
-            "or remove them or choose another output folder"
-        )
-    latest = existing[-1] if cfg.resume and existing else None
-    if latest is not None and read_state(latest).get("signature") != signature:
-        raise ValueError(
-            f"{latest} was written by a run with {read_state(latest).get('signature')}, "
-            f"not {signature}: it cannot be resumed with these settings"
-        )
-    is_spalora = isinstance(model, SpaloraModel)
-    if (cfg.checkpoint_every or cfg.resume) and not is_spalora:
-        raise ValueError("checkpoints and resume are for spalora models only")
-    if is_spalora:
-        if latest is not None:  # a run of our method may have been truncated: match its sizes
-            saved = SpaloraConfig.load(latest / "adapter")
-            current = model.spalora_config
-            if (saved.rank_pattern, saved.nnz_pattern) != (
-                current.rank_pattern,
-                current.nnz_pattern,
-            ):
-                model.resize_layers(saved)
-        groups = model.parameter_groups(cfg.lora_lr, cfg.sparse_lr)
-        schedule = MaskSchedule(model, progress=cfg.progress and main, total_steps=cfg.steps)
-    else:  # a PEFT model or full fine-tuning: every trainable parameter at lora_lr
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        groups = [{"params": trainable, "lr": cfg.lora_lr, "name": "all"}]
-        schedule = NoSchedule()
-    for g in groups:
-        g["initial_lr"] = g["lr"]
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    params = [p for g in groups for p in g["params"]]
-    device = next(model.parameters()).device
-    history: list[dict] = []
-    model.train()
-    total, lr_step, step, consumed = cfg.steps, 0, 0, 0
-    resumed_from = None
-    if latest is not None:
-        saved = load_checkpoint(latest, model, optimizer, rank=this_rank)
-        step, lr_step, consumed = saved["step"], saved["lr_step"], saved["consumed"]
-        resumed_from = step
-        history = saved["history"]
-        schedule.load_state_dict(saved["schedule"])
-        if main:
-            tqdm.write(
-                f"[spalora] resumed from {latest} (step {step}, phase {schedule.phase})",
-                file=sys.stderr,
-            )
-    # After any load: rank 0's adapters copied to all, then DDP wraps or FSDP shards the base.
-    parallel = DistributedTraining(model, cfg.distributed)
-    if world > 1 and main:
-        tqdm.write(
-            f"[spalora] {world} processes ({dist_backend()}, {parallel.mode.upper()}): global "
-            f"batch {cfg.batch_size} x {cfg.grad_accum} x {world} = "
-            f"{cfg.batch_size * cfg.grad_accum * world}",
-            file=sys.stderr,
-        )
-    # `consumed` counts micro-batches of the one stream, over all ranks
-    stream = batches(encoded, cfg.batch_size, pad, cfg.seed, consumed, this_rank, world)
-    log = None
-    if cfg.log_path and main:  # the loss log is written as the run goes (rewritten on resume)
-        log = open(cfg.log_path, "w")  # noqa: SIM115  (closed in the finally below)
-        for row in history:
-            log.write(json.dumps(row) + "\n")
-    writer = tensorboard_writer(cfg.tensorboard_dir) if main else None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-
-    def record(row: dict) -> None:  # every rank keeps the history; rank 0 writes it
-        history.append(row)
-        if log is not None:
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-        if writer is not None:
-            for key, value in row.items():
-                if isinstance(value, dict):  # {"validation": {"accuracy": ...}}
-                    for name, v in value.items():
-                        writer.add_scalar(f"{key}/{name}", v, row["step"])
-                elif key in ("loss", "lr"):
-                    writer.add_scalar(f"train/{key}", value, row["step"])
-
-    bar = tqdm(total=total, initial=lr_step, desc="training", disable=not (cfg.progress and main))
-    start = time.perf_counter()
+    trainer = Trainer(model, tokenizer, cfg, evaluate_fn)
     try:
-        while lr_step < total:
-            factor = lr_factor(lr_step, cfg.lr_warmup_steps, total) * schedule.lr_scale()
-            for g in optimizer.param_groups:
-                g["lr"] = g["initial_lr"] * factor * schedule.group_lr_scale(g.get("name"))
-            total_loss = 0.0
-            for i in range(cfg.grad_accum):  # micro-batches of one optimizer step
-                batch = {k: v.to(device) for k, v in next(stream).items()}
-                consumed += world
-                with parallel.no_sync(last_micro_batch=i == cfg.grad_accum - 1):
-                    with autocast:
-                        loss = completion_loss(parallel.engine, batch) / cfg.grad_accum
-                    if world == 1 and not math.isfinite(loss.item()):
-                        raise FloatingPointError(
-                            f"loss is {loss.item()} at step {step}: stopping before the update "
-                            "(the last checkpoint, if any, is the last good state)"
-                        )
-                    loss.backward()
-                total_loss += loss.item()
-            if world > 1:
-                parallel.average_gradients(params)
-                total_loss = mean_over_ranks(total_loss)  # the global batch's loss, on all ranks
-                if not math.isfinite(total_loss):  # every rank stops (one alone would hang)
-                    raise FloatingPointError(
-                        f"loss is {total_loss} at step {step}: stopping before the update "
-                        "(the last checkpoint, if any, is the last good state)"
-                    )
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            phase_before = schedule.phase
-            schedule.step(optimizer)
-            resized = schedule.resized
-            if resized:  # our method truncated its layers: new parameter tensors
-                schedule.resized = False
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-            if world > 1 and (resized or schedule.phase != phase_before):
-                parallel.trained_tensors_changed()  # masks set or layers truncated: new DDP
-                check_in_sync(model, f"after step {step} ({phase_before} -> {schedule.phase})")
-            record({"step": step, "loss": total_loss, "phase": phase_before, "lr": factor})
-            step += 1
-            lr_step += 1
-            if schedule.restarted:  # the paper's recipe: train both parts again from step 0
-                schedule.restarted = False
-                lr_step = 0
-                bar.reset(total=total)
-            else:
-                bar.update(1)
-                bar.set_postfix(loss=f"{total_loss:.3f}", phase=schedule.phase)
-            evaluate_now = cfg.eval_every and step % cfg.eval_every == 0 and lr_step < total
-            if evaluate_now and schedule.phase != "collect":  # keep statistics training-only
-                record({"step": step, "validation": evaluate_fn(model)})
-            # No checkpoint while mask statistics accumulate: they are not part of one.
-            if (
-                cfg.checkpoint_every
-                and step % cfg.checkpoint_every == 0
-                and (schedule.phase != "collect")
-            ):
-                state = {
-                    "step": step,
-                    "lr_step": lr_step,
-                    "consumed": consumed,
-                    "signature": signature,
-                    "schedule": schedule.state_dict(),
-                    "history": history,
-                }
-                rank_rng = gather_objects(rng_state()) if world > 1 else None  # all ranks
-                if main:
-                    save_checkpoint(
-                        cfg.checkpoint_dir, model, optimizer, state, cfg.keep_last, rank_rng
-                    )
-        check_in_sync(model, "at the end of training")
+        trainer.setup(examples)
+        trainer.train()
     finally:
-        schedule.close()
-        bar.close()
-        if log is not None:
-            log.close()
-        if writer is not None:
-            writer.close()
-    return {
-        "history": history,
-        "train_seconds": time.perf_counter() - start,
-        "steps_run": step,
-        "mask_step": schedule.mask_step,
-        "final_phase": schedule.phase,
-        # our method: how the budget was split at each refresh, and what the truncation cut
-        "budget_log": None if schedule.controller is None else list(schedule.controller.log),
-        "resumed_from": resumed_from,
-        "length_report": length_report,
-        "world_size": world,
-        "distributed": parallel.mode,  # "single", "ddp" or "fsdp"
-    }
+        trainer.cleanup()
+    return trainer.result()
