@@ -150,3 +150,40 @@ def test_model_and_file_task_defaults_match_their_loaders():
         default = loader[f.name].default
         if isinstance(default, str):
             assert f"(default {default})" in f.metadata["help"]
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "field"),
+    [
+        (TrainConfig, {"steps": 0}, "steps"),
+        (TrainConfig, {"batch_size": 0}, "batch_size"),
+        (TrainConfig, {"lora_lr": float("nan")}, "lora_lr"),
+        (TrainConfig, {"sparse_lr": -1.0}, "sparse_lr"),
+        (TrainConfig, {"max_grad_norm": 0.0}, "max_grad_norm"),
+        (TrainConfig, {"overlong": "cut"}, "overlong"),
+        (SpaloraConfig, {"lora_alpha": float("nan")}, "lora_alpha"),
+        (SpaloraConfig, {"alpha_pattern": {"q_proj": float("inf")}}, "alpha_pattern"),
+        (SpaloraConfig, {"r": 2.5}, "r"),
+    ],
+)
+def test_constructors_refuse_values_that_cannot_work_naming_the_field(cls, kwargs, field):
+    with pytest.raises(ValueError, match=rf"^{field}\b"):
+        cls(**kwargs)
+
+
+def test_unbounded_clipping_and_zero_rates_stay_allowed():
+    TrainConfig(max_grad_norm=float("inf"), lora_lr=0.0, sparse_lr=0)
+
+
+def test_a_budget_rank_above_a_layer_is_not_refused():
+    """Only an explicit r too large for a layer is an error; a budget's rank is the solver's."""
+    from spalora import get_spalora_model
+
+    from .conftest import tiny_llama
+
+    model = get_spalora_model(tiny_llama(), SpaloraConfig(method="lora", budget="r40"))
+    assert {a.r for a in model.allocations} == {40}
+    with pytest.raises(ValueError, match=r"^r=40 exceeds .* \(16x32\)"):
+        get_spalora_model(
+            tiny_llama(), SpaloraConfig(method="lora", r=40, target_modules=["k_proj"])
+        )

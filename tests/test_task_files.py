@@ -192,6 +192,40 @@ def test_strict_raises_at_first_bad_row(tmp_path):
         load_file_task(path, strict=True)
 
 
+LATIN1 = '{"prompt": "caf\u00e9 au lait", "completion": "latin-1"}\n'.encode("latin-1")
+
+
+def test_an_undecodable_row_is_skipped_and_counted(tmp_path):
+    """A latin-1 row in a UTF-8 JSONL or CSV is one bad row, not a failed load."""
+    good = "".join(json.dumps(r) + "\n" for r in pairs(12)).encode()
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(LATIN1 + good + b"\xff\xfe\x00\x01\n")
+    task = load_file_task(path)
+    assert len(all_examples(task)) == 12
+    assert task.notes[1] == "data.jsonl: skipped 2 of 14 rows: 2 not UTF-8 text (rows 1, 14)"
+    with pytest.raises(ValueError, match=r"^data.jsonl row 1: not UTF-8 text$"):
+        load_file_task(path, strict=True)
+    csv_path = tmp_path / "data.csv"
+    lines = ["prompt,completion\n", *(f"q{i},a{i}\n" for i in range(12))]
+    csv_path.write_bytes("".join(lines[:3]).encode() + "q\u00e9,x\n".encode("latin-1")
+                         + "".join(lines[3:]).encode())  # fmt: skip
+    task = load_file_task(csv_path)
+    assert task.notes[1] == "data.csv: skipped 1 of 13 rows: 1 not UTF-8 text (row 4)"
+    with pytest.raises(ValueError, match=r"^data.csv row 4: not UTF-8 text$"):
+        load_file_task(csv_path, strict=True)
+
+
+def test_binary_and_undecodable_whole_files_name_the_file(tmp_path):
+    binary = tmp_path / "blob.jsonl"
+    binary.write_bytes(bytes(range(128, 256)) * 4 + b"\n" + bytes(range(200, 256)))
+    with pytest.raises(ValueError, match=r"^blob.jsonl has no usable rows: .*not UTF-8 text"):
+        load_file_task(binary)
+    doc = tmp_path / "data.json"
+    doc.write_bytes(b"[" + LATIN1.strip() + b"]")
+    with pytest.raises(ValueError, match=r"^data.json is not UTF-8 text \(byte 16: "):
+        load_file_task(doc)
+
+
 def test_malformed_messages(tmp_path):
     bad = [
         {"messages": "not json"},

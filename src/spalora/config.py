@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,24 @@ def option(default: Any, help: str, **metadata: Any) -> Any:
     if isinstance(default, dict | list):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """Raise ValueError naming `name` unless `value` is a whole number >= `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+
+
+def check_real(name: str, value: Any, minimum: float | None = None, strict: bool = False) -> None:
+    """Raise ValueError naming `name` unless `value` is a finite number (>= `minimum`, or >
+    `minimum` when `strict`); nan and inf never pass."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value)
+    if ok and minimum is not None:
+        ok = value > minimum if strict else value >= minimum
+    if not ok:
+        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
 
 
 def recipe_default(f: dataclasses.Field) -> Any:
@@ -168,14 +188,19 @@ class SpaloraConfig:
                 raise ValueError(f"density_pattern[{key!r}] must lie in (0, 1), got {value}")
         if self.rank_fraction is not None and not (0.0 <= float(self.rank_fraction) <= 1.0):
             raise ValueError(f"rank_fraction must lie in [0, 1], got {self.rank_fraction}")
+        check_int("r", self.r, 0)
         if self.uses_lora and self.budget is None and int(self.r) < 1:
             raise ValueError(f"r must be >= 1 for method {self.method!r}, got {self.r}")
+        check_real("lora_alpha", self.lora_alpha)
+        for key, value in self.alpha_pattern.items():
+            check_real(f"alpha_pattern[{key!r}]", value)
         if not (0.0 <= float(self.lora_dropout) < 1.0):
             raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout}")
-        if self.warmup_steps < 0 or self.mask_batches < 1 or self.sparse_warmup_steps < 0:
-            raise ValueError(
-                "warmup_steps and sparse_warmup_steps must be >= 0 and mask_batches >= 1"
-            )
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_int("mask_batches", self.mask_batches, 1)
+        check_int("sparse_warmup_steps", self.sparse_warmup_steps, 0)
+        for name in ("overprovision", "rank_reg", "sparse_reg", "truncate_at"):
+            check_real(name, getattr(self, name))  # finite: nan slips past the range checks
         if self.method == "spalora":
             if self.overprovision < 1.0:
                 raise ValueError(f"overprovision must be >= 1, got {self.overprovision}")
@@ -254,7 +279,7 @@ class TrainConfig:
     lora_lr: float = option(1e-3, "learning rate of the LoRA factors")
     sparse_lr: float = option(3e-4, "learning rate of the sparse values (RoSA's ratio to LoRA's)")
     lr_warmup_steps: int = option(10, "linear learning-rate warm-up steps, then linear decay")
-    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (inf: none)")
     max_length: int = option(256, "tokens per training example")
     seed: int = option(0, "one seed for the task split, data order, LoRA init and random masks")
     progress: bool = option(True, "progress bar", recipe=False)  # the CLI's --no-progress
@@ -298,6 +323,28 @@ class TrainConfig:
         "when accelerate's FSDP is on, else DDP); ignored in one process",
         choices=("auto", "ddp", "fsdp"),
     )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that cannot work (before any model loads)."""
+        check_int("steps", self.steps, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("grad_accum", self.grad_accum, 1)
+        check_int("max_length", self.max_length, 1)
+        check_int("lr_warmup_steps", self.lr_warmup_steps, 0)
+        check_int("checkpoint_every", self.checkpoint_every, 0)
+        check_int("keep_last", self.keep_last, 1)
+        check_int("eval_every", self.eval_every, 0)
+        check_real("lora_lr", self.lora_lr, 0.0)
+        check_real("sparse_lr", self.sparse_lr, 0.0)
+        if self.max_grad_norm != math.inf:  # inf: no clipping
+            check_real("max_grad_norm", self.max_grad_norm, 0.0, strict=True)
+        for name in ("overlong", "distributed"):
+            choices = {f.name: f for f in dataclasses.fields(self)}[name].metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
 
 
 @dataclass

@@ -104,6 +104,15 @@ def resolve_allocation(
             return overprovisioned(uniform, config.overprovision, rank)
         return uniform
     r = int(config.r) if config.uses_lora else 0
+    # An explicit r must fit every layer (a budget's rank is the solver's and stays as it is):
+    # above a layer's smaller side it trains more than a full-rank update needs.
+    for s in shapes:
+        if r > min(s.out_features, s.in_features):
+            raise ValueError(
+                f"r={r} exceeds the smaller dimension of layer {s.name} "
+                f"({s.out_features}x{s.in_features}); use r <= "
+                f"{min(min(t.out_features, t.in_features) for t in shapes)} or a budget"
+            )
     if config.uses_sparse:
         if config.density is None and not config.density_pattern:
             raise ValueError(f"method {config.method!r} needs a density or a budget")

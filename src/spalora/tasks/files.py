@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ ROLES = ("system", "user", "assistant")
 _MAX_ROWS_LISTED = 5
 
 Rows = list[tuple[int, Any]]  # (row number, parsed row or a _BadRow)
+# Files are decoded with errors="surrogateescape": a byte that is not UTF-8 becomes a lone
+# surrogate, which valid UTF-8 text never decodes to, so such a row is found and skipped alone.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+NOT_UTF8 = "not UTF-8 text"
 
 
 class _BadRow(ValueError):
@@ -36,9 +41,12 @@ class _BadRow(ValueError):
 # ------------------------------------------------------------------ reading files
 def _read_jsonl(path: Path) -> Rows:
     rows: Rows = []
-    with path.open(encoding="utf-8-sig") as f:
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
+                continue
+            if _UNDECODABLE.search(line):
+                rows.append((number, _BadRow(NOT_UTF8)))
                 continue
             try:
                 rows.append((number, json.loads(line)))
@@ -48,7 +56,10 @@ def _read_jsonl(path: Path) -> Rows:
 
 
 def _read_json(path: Path) -> Rows:
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:  # one document: no row to skip
+        raise ValueError(f"{path.name} is {NOT_UTF8} (byte {err.start}: {err.reason})") from None
     if not text.strip():
         return []
     try:
@@ -65,14 +76,16 @@ def _read_json(path: Path) -> Rows:
 
 def _read_csv(path: Path) -> Rows:
     """Rows numbered by the file line they start on; the header is line 1."""
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f)
         header = [name.strip() for name in next(reader, [])]
         rows: Rows = []
         start = reader.line_num + 1
         for cells in reader:
             if any(cell.strip() for cell in cells):
-                if len(cells) != len(header):
+                if any(_UNDECODABLE.search(cell) for cell in cells):
+                    rows.append((start, _BadRow(NOT_UTF8)))
+                elif len(cells) != len(header):
                     bad = _BadRow(f"wrong number of fields (header has {len(header)})")
                     rows.append((start, bad))
                 else:
