@@ -36,8 +36,8 @@ from ..distributed import (
     world_size,
 )
 from ..train import Trainer
-from . import zero_shot
 from .output import JobError, check_output_folder, remove_checkpoints, write_or_fall_back
+from .zero_shot import base_score
 
 
 @dataclass
@@ -220,7 +220,7 @@ class FinetuneRecipe:
         run, metric, in_run = self.cfg.run, self.task.metric, self.out / "zero_shot.json"
         settings = {"quantize": run.quantize, "batch_size": run.eval_batch_size}
         settings["device"] = self.device.type
-        row, source = zero_shot.base_score(
+        row, source = base_score(
             model,
             self.tokenizer,
             self.task,
