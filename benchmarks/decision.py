@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import statistics
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from . import select
 from .accuracy import PROFILES, Cache, RunSpec, run_one, task_loader
 from .heldout import CROSS_FITTED, fold_of
 from .power import PairedGap, matrix, nested_gap, paired_gap
+from .runs import fetch_or_train
 
 OURS = "spalora"
 NOT_PEERS = ("fft",)  # the reference; our method and its ablations are not peers either
@@ -51,15 +51,11 @@ def collect(
     cache = Cache(cache_dir)
     load_model = load_model or load_model_and_tokenizer
 
+    def train(spec: RunSpec) -> dict:
+        return run_one(spec, load_model, load_task, progress, device=device)
+
     def ensure(spec: RunSpec) -> dict | None:
-        if (found := cache.get(spec)) is not None:
-            return found["result"]
-        if not run_missing:
-            return None
-        print(f"[v2] {spec.label()}", file=sys.stderr, flush=True)
-        result = run_one(spec, load_model, load_task, progress, device=device)
-        cache.put(spec, result)
-        return result
+        return fetch_or_train(cache, spec, train if run_missing else None, tag="v2")
 
     out = {}
     for method in methods:

@@ -46,6 +46,23 @@ def specs_for(
     return [RunSpec(method, variant, lr, s, task, run_r, p, "smollm2-135m") for s in seeds]
 
 
+def fetch_or_train(
+    cache: Cache, spec: RunSpec, train: Callable[[RunSpec], dict] | None, tag: str = "runs"
+) -> dict | None:
+    """The spec's cached result; else, with `train`, its freshly trained (and cached) result;
+    else None (report-only)."""
+    if (found := cache.get(spec)) is not None:
+        return found["result"]
+    if train is None:
+        return None
+    print(f"[{tag}] {spec.label()}", file=sys.stderr, flush=True)
+    result = train(spec)
+    cache.put(spec, result)
+    line = f"diverged: {result['diverged']}" if "diverged" in result else summary_line(result)
+    print(f"[{tag}]   {line}", file=sys.stderr, flush=True)
+    return result
+
+
 def ensure_runs(
     specs: list[RunSpec],
     cache_dir: str | Path,
@@ -59,21 +76,12 @@ def ensure_runs(
 
     load_model = load_model or load_model_and_tokenizer
     cache = Cache(cache_dir)
-    results = []
-    for spec in specs:
-        found = cache.get(spec)
-        if found is None:
-            print(f"[runs] {spec.label()}", file=sys.stderr, flush=True)
-            loader = load_task or task_loader(spec.profile)
-            result = run_one(spec, load_model, loader, progress, device=device)
-            cache.put(spec, result)
-            found = {"result": result}
-            if "diverged" in result:
-                print(f"[runs]   diverged: {result['diverged']}", file=sys.stderr, flush=True)
-            else:
-                print(f"[runs]   {summary_line(result)}", file=sys.stderr, flush=True)
-        results.append(found["result"])
-    return results
+
+    def train(spec: RunSpec) -> dict:
+        loader = load_task or task_loader(spec.profile)
+        return run_one(spec, load_model, loader, progress, device=device)
+
+    return [fetch_or_train(cache, spec, train) for spec in specs]
 
 
 def summary_line(result: dict) -> str:
