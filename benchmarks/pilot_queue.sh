@@ -5,6 +5,7 @@
 #
 #   setsid nohup benchmarks/pilot_queue.sh seed-noise &   # lora vs PEFT ShiRA, r_eq 2, seeds 1-8
 #   setsid nohup benchmarks/pilot_queue.sh admission &    # fft vs lora at r_eq 1 and 2, 150 / 600 steps
+#   setsid nohup benchmarks/pilot_queue.sh peers &        # the peer queue: arithmetic, r_eq 2, 150 steps
 #
 # SPALORA_CACHE_ROOT moves the caches (default benchmarks/cache); logs: runs/queues/pilot-NAME.*
 set -uo pipefail
@@ -30,11 +31,25 @@ run() {  # profile method r_eq lr seed [variant...]
 }
 
 case $name in
-  seed-noise)  # the rates protocol 1 chose on seed 0 (docs/results/accuracy.md), seeds 1-8
-    for seed in 1 2 3 4 5 6 7 8; do
+  seed-noise)  # the rates protocol 1 chose on seed 0 (docs/results/accuracy.md), seeds 1-8;
+    # seeds 1-5 first (they are also the peer queue's runs where selection agrees), then the
+    # r_eq 1 admission pair, then seeds 6-8
+    for seed in 1 2 3 4 5; do
+      run v2 lora 2 1e-3 "$seed"
+      run v2 peft-shira 2 1e-2 "$seed"
+    done
+    run v2 peft-shira 1 1e-2 1
+    for seed in 6 7 8; do
       run v2 lora 2 1e-3 "$seed"
       run v2 peft-shira 2 1e-2 "$seed"
     done ;;
+  peers)  # selection on seed 0 (and 100 where close), then 5 reported seeds, per method; the
+    # methods whose runs the seed-noise queue is also making come last
+    echo "$(date -u +%FT%TZ) start peers" >> "$log.log"
+    $PY -m benchmarks v2 --tasks arithmetic --budgets 2 --seeds 5 --no-progress \
+      --methods rosa,peft-lora,sparse-random,peft-supra,fft,lora,peft-shira \
+      --cache "$root/accuracy-v2" --out runs/queues/peers-report >> "$log.log" 2>> "$log.err"
+    echo "$(date -u +%FT%TZ) exit $?" >> "$log.log" ;;
   admission)  # does full fine-tuning beat LoRA by 3x the target effect? 150 and 600 steps
     for seed in 1 2; do
       run v2 fft 0 3e-4 "$seed"
@@ -43,5 +58,5 @@ case $name in
       run v2-600 lora 2 1e-3 "$seed"
       run v2-600 lora 1 1e-3 "$seed"
     done ;;
-  *) echo "unknown queue $name (seed-noise | admission)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | peers)" >&2; exit 2 ;;
 esac
