@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--variant", action="append", default=[], help="KEY=VALUE, repeatable")
     ru.add_argument("--cache", help="run cache (default benchmarks/cache/accuracy-PROFILE)")
     ru.add_argument("--no-progress", action="store_true")
+    add_device(ru)
 
     pi = sub.add_parser("pilot", help="protocol 2's pilots from the cache: seed noise, admission")
     pi.add_argument(

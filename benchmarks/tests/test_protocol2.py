@@ -2,6 +2,7 @@
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +124,17 @@ def test_bbc_folds_partition_the_headlines_and_never_leak():
         "bbc-topic/fold0", "bbc-topic/fold1", "bbc-topic/fold0", "bbc-topic/fold1",
     ]  # fmt: skip
     assert heldout.fold_of("arithmetic", 3) == "arithmetic"
+
+
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_runs_command_reports_a_committed_run_without_training(device, capsys):
+    """`python -m benchmarks runs` as the pilot queue calls it (with and without --device)
+    finds the committed protocol-2 run and prints its line; nothing trains."""
+    from benchmarks.__main__ import main
+
+    cache = Path(__file__).parents[1] / "cache" / "accuracy-v2"
+    argv = ["runs", "--profile", "v2", "--task", "arithmetic", "--r-eq", "2", "--method", "lora"]
+    argv += ["--lr", "1e-3", "--seeds", "1", "--cache", str(cache), "--no-progress"]
+    argv += [] if device is None else ["--device", device]
+    assert main(argv) == 0
+    assert "test nll 1.0344" in capsys.readouterr().out
