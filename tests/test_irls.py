@@ -9,17 +9,18 @@ import pytest
 import torch
 
 from spalora import SpaloraConfig, SpaloraModel, get_spalora_model
-from spalora.adaptive import BudgetController, swap_parameters, truncate_layer
-from spalora.allocate import LayerCandidates, allocate_budget
-from spalora.irls import (
+from spalora.layer import SpaloraLinear
+from spalora.lowrank import factored_svd
+from spalora.masks import MaskCollector, apply_masks
+from spalora.methods import swap_parameters
+from spalora.methods.spalora.allocation import LayerCandidates, allocate_budget
+from spalora.methods.spalora.controller import BudgetController, truncate_layer
+from spalora.methods.spalora.penalties import (
     dense_rank_penalty,
-    factored_svd,
     rank_penalty,
     rank_weights,
     sparse_weights,
 )
-from spalora.layer import SpaloraLinear
-from spalora.masks import MaskCollector, apply_masks
 from spalora.train import TrainConfig, train
 
 from .conftest import WORD_EXAMPLES, tiny_llama, word_tokenizer
@@ -229,7 +230,7 @@ def test_over_provisioned_start_on_smollm2_shapes(r_eq):
     """start_rank="budget": rank ceil(1.5 r_eq) (1.5x what all of P buys, so the allocation can
     reach LoRA's rank); "split": 1.5x the even split's rank. Nonzeros: 1.5x the even split's."""
     from spalora.budget import LayerShape, parse_budget, solve_budget
-    from spalora.model import overprovisioned
+    from spalora.methods.spalora import overprovisioned
 
     shapes = [
         LayerShape(f"{b}.{m}", o, i)

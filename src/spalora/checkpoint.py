@@ -8,7 +8,9 @@ only the newest `keep_last` are kept. (Files are not fsynced: a power loss, unli
 process, may still leave a renamed folder with incomplete files.) Resume is bitwise equal on
 CPU; on CUDA it also needs torch.use_deterministic_algorithms(True). Each checkpoint records the
 recipe that trained it (`training_recipe`), and a resume that would change it is refused, each
-differing field named (`check_resumable`).
+differing field named (`check_resumable`). A checkpoint with a damaged file (truncated JSON or
+safetensors) is skipped with a warning naming the file, so a resume falls back to the previous
+intact one (`list_checkpoints`).
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .config import SpaloraConfig, TrainConfig, recipe_fields
+from .config import WEIGHTS_NAME, SpaloraConfig, TrainConfig, recipe_fields
+from .serialization import check_finite, check_tensor_file, read_config, read_tensors
 
 STATE_NAME = "state.json"
 OPTIM_NAME = "optimizer.safetensors"
@@ -115,6 +120,8 @@ def save_checkpoint(
     for r, states in enumerate(rank_rng or []):
         for kind, value in states.items():
             tensors[f"rng.rank{r}.{kind}"] = value.cpu()
+    state, state_tensors = split_tensors(state)  # e.g. a controller's weights
+    tensors.update(state_tensors)
     save_file(tensors, str(tmp / OPTIM_NAME))
     py_state = random.getstate()
     full = {**state, "optimizer": meta, "python_rng": [py_state[0], list(py_state[1]), py_state[2]]}
@@ -127,18 +134,90 @@ def save_checkpoint(
     return final
 
 
+TENSOR_REF = "__tensor__"
+
+
+def split_tensors(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """`state` for JSON, each tensor in it replaced by {"__tensor__": key}, and the tensors by
+    key (saved beside the optimizer's): a schedule's state may hold tensors, exactly kept."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            key = f"state.{len(tensors)}"
+            tensors[key] = x.detach().cpu().contiguous()
+            return {TENSOR_REF: key}
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [walk(v) for v in x]
+        return x
+
+    return walk(state), tensors
+
+
+def join_tensors(state: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `split_tensors`."""
+    if isinstance(state, dict):
+        if set(state) == {TENSOR_REF}:
+            return tensors[state[TENSOR_REF]]
+        return {k: join_tensors(v, tensors) for k, v in state.items()}
+    if isinstance(state, list):
+        return [join_tensors(v, tensors) for v in state]
+    return state
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders of an interrupted save are skipped)."""
+    """Intact checkpoints, oldest first.
+
+    Temporary folders of an interrupted save and folders without state.json are skipped; so is
+    a checkpoint with a damaged file, with a warning naming it, so that a resume falls back to
+    the previous intact checkpoint rather than failing on a parser's error."""
     root = Path(run_dir)
     if not root.exists():
         return []
-    found = [p for p in root.glob("checkpoint-*") if (p / STATE_NAME).exists()]
-    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    found = []
+    for path in root.glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if not match or not (path / STATE_NAME).exists():
+            continue
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            warnings.warn(
+                f"skipping damaged checkpoint {path}: {problem}; an earlier intact checkpoint "
+                "is used instead, if there is one",
+                stacklevel=2,
+            )
+            continue
+        found.append((int(match[1]), path))
+    return [path for _, path in sorted(found)]
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why a checkpoint cannot be loaded (a truncated or corrupt file, named), or None. Reads
+    state.json, the adapter's config and the safetensors headers, no tensor."""
+    path = Path(path)
+    try:
+        read_state(path)
+        check_tensor_file(path / OPTIM_NAME)
+        read_config(path / "adapter")
+        check_tensor_file(path / "adapter" / WEIGHTS_NAME)
+    except (ValueError, OSError) as exc:
+        return str(exc)
+    return None
 
 
 def read_state(path: str | Path) -> dict:
-    """The run state saved in a checkpoint (step, data position, settings signature, ...)."""
-    return json.loads((Path(path) / STATE_NAME).read_text())
+    """The run state saved in a checkpoint (step, data position, settings signature, ...); a
+    truncated or invalid state.json is a ValueError naming the file."""
+    file = Path(path) / STATE_NAME
+    try:
+        state = json.loads(file.read_text())
+    except ValueError as exc:  # truncated, not JSON, not UTF-8
+        raise ValueError(f"{file} is not valid JSON ({exc})") from exc
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"{file} holds no run state (no 'step' key)")
+    return state
 
 
 def load_checkpoint(path: str | Path, model, optimizer, rank: int = 0) -> dict:
@@ -148,10 +227,15 @@ def load_checkpoint(path: str | Path, model, optimizer, rank: int = 0) -> dict:
     """
     path = Path(path)
     state = read_state(path)
-    adapter = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+    adapter_file = path / "adapter" / WEIGHTS_NAME
+    adapter = read_tensors(adapter_file)
+    check_finite(adapter, adapter_file)
     model.load_adapter_state(adapter)
-    tensors = load_file(str(path / OPTIM_NAME))
+    tensors = read_tensors(path / OPTIM_NAME)
     rng = {k: tensors.pop(k) for k in [t for t in tensors if t.startswith("rng.")]}
+    state = join_tensors(
+        state, {k: tensors.pop(k) for k in list(tensors) if k.startswith("state.")}
+    )
     own = f"rng.rank{rank}."
     if own + "torch" in rng:  # written by a distributed run
         torch.set_rng_state(rng[own + "torch"])

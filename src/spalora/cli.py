@@ -1,14 +1,17 @@
 """Command line: `spalora train` (the default: RoSA on SmolLM2 + BBC headlines), `spalora eval`,
-`spalora merge`, `spalora plot`."""
+`spalora merge`, `spalora plot`. A refused input prints one `error:` line naming the file or field
+(SPALORA_DEBUG=1 adds its traceback)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
+import traceback
 import typing
 from pathlib import Path
 
@@ -17,7 +20,6 @@ import yaml
 from .config import (
     RECIPE_SECTIONS,
     RunConfig,
-    SpaloraConfig,
     recipe_default,
     recipe_defaults,
 )
@@ -223,38 +225,24 @@ def resolve_recipe(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     """`spalora train`: the resolved recipe, run by FinetuneRecipe (under torchrun / accelerate
     launch every rank runs it; rank 0 prints and writes)."""
-    from .recipes import FinetuneConfig, FinetuneRecipe, JobError
+    from .recipes import FinetuneConfig, FinetuneRecipe
 
     recipe = resolve_recipe(args)
-    try:
-        cfg = FinetuneConfig.from_recipe(
-            recipe, progress=not args.no_progress, evaluate=not args.no_eval
-        )
-        return FinetuneRecipe(cfg).run()
-    except JobError as exc:
-        raise SystemExit(f"error: {exc}") from exc
-
-
-def _load_task(name: str, seed: int, data: dict):
-    """The task, or a clean exit with the loader's message (bad file, too few rows, ...)."""
-    from .tasks import get_task
-
-    try:
-        return get_task(name, seed=seed, **data)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    cfg = FinetuneConfig.from_recipe(
+        recipe, progress=not args.no_progress, evaluate=not args.no_eval
+    )
+    return FinetuneRecipe(cfg).run()
 
 
 def _base_model_for(adapter: str | None, model: str | None) -> str:
-    if model:
-        return model
-    if adapter:
-        recorded = SpaloraConfig.load(adapter).base_model_name_or_path
-        if recorded:
-            return recorded
+    """The base model to load: --model, else the adapter's recorded one. The adapter's files
+    are read (and refused: damaged, NaN / inf) first, before a model takes time to load."""
     from .hub import DEFAULT_MODEL
+    from .layer import DEFAULT_ADAPTER
+    from .serialization import read_adapter
 
-    return DEFAULT_MODEL
+    config = read_adapter(adapter, DEFAULT_ADAPTER)[0] if adapter else None
+    return model or (config and config.base_model_name_or_path) or DEFAULT_MODEL
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -262,19 +250,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_task, format_value
     from .hub import load_model_and_tokenizer
     from .model import SpaloraModel
+    from .serialization import read_config
+    from .tasks import get_task
 
     seed = args.seed
     if seed is None:  # the split the adapter was trained on, so no test example was seen
-        seed = SpaloraConfig.load(args.adapter).seed if args.adapter else 0
+        seed = read_config(args.adapter).seed if args.adapter else 0
     data = {key: getattr(args, flag) for flag, (section, key) in FLAGS.items() if section == "data"}
-    task = _load_task(args.task, seed, data if args.task == "file" else {})
+    task = get_task(args.task, seed=seed, **(data if args.task == "file" else {}))
     for note in task.notes:
         print(f"[spalora] data: {note}", file=sys.stderr)
     model_name = _base_model_for(args.adapter, args.model)
-    try:
-        device = resolve_device(args.device or RunConfig.device)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    device = resolve_device(args.device or RunConfig.device)
     started = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(model_name)
     if args.adapter:
@@ -324,45 +311,56 @@ def cmd_merge(args: argparse.Namespace) -> int:
     model_name = _base_model_for(args.adapter, args.model)
     model, tokenizer = load_model_and_tokenizer(model_name)
     wrapped = SpaloraModel.from_pretrained(model, args.adapter)
-    try:
-        if args.peft:
-            out = save_peft_lora(wrapped, args.out)
-            print(
-                f"[spalora] wrote a PEFT LoRA adapter to {out} "
-                "(load with peft.PeftModel.from_pretrained)"
-            )
-        else:
-            out = save_merged(wrapped, args.out, tokenizer)
-            print(
-                f"[spalora] wrote a merged checkpoint to {out} "
-                "(load with AutoModelForCausalLM.from_pretrained)"
-            )
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    if args.peft:
+        out = save_peft_lora(wrapped, args.out)
+        print(
+            f"[spalora] wrote a PEFT LoRA adapter to {out} "
+            "(load with peft.PeftModel.from_pretrained)"
+        )
+    else:
+        out = save_merged(wrapped, args.out, tokenizer)
+        print(
+            f"[spalora] wrote a merged checkpoint to {out} "
+            "(load with AutoModelForCausalLM.from_pretrained)"
+        )
     return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plot import plot_run
 
-    try:
-        paths = plot_run(args.run_dir)
-    except FileNotFoundError as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    paths = plot_run(args.run_dir)
     for path in paths:
         print(f"[spalora] wrote {path}")
     return 0
 
 
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "merge": cmd_merge, "plot": cmd_plot}
+DEBUG_ENV = "SPALORA_DEBUG"  # set to 1: a traceback with every error, expected or not
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises (our checks name the file, field or tensor), and a diverged run
+    (a non-finite loss, which names the step): one `error:` line, no traceback. Anything else
+    is a bug, and its traceback is what a report needs."""
+    from .hub import MissingPackageError
+    from .recipes.output import JobError
+
+    return (JobError, ValueError, OSError, ImportError, MissingPackageError, FloatingPointError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Parse, dispatch, and turn an expected failure of any command into `error: <message>`
+    (exit status 1)."""
     args = build_parser().parse_args(argv)
-    commands = {
-        "train": cmd_train,
-        "eval": cmd_eval,
-        "merge": cmd_merge,
-        "plot": cmd_plot,
-    }
-    return commands[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except Exception as exc:
+        if not isinstance(exc, expected_errors()):
+            raise
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        raise SystemExit(f"error: {exc}") from exc
 
 
 if __name__ == "__main__":

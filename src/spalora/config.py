@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("lora", "sparse", "rosa", "spalora")
+from .methods.registry import get_method, method_names
+
+METHODS = method_names()  # the built-ins (the CLI's choices); Python users may register more
 MASK_STRATEGIES = ("fisher", "grad", "residual", "magnitude", "wanda", "random")
 ALLOCATIONS = ("global", "uniform")
 START_RANKS = ("budget", "split")
@@ -134,7 +136,7 @@ class SpaloraConfig:
     )
     # Our method (method="spalora"): train over-provisioned under IRLS rank and sparsity
     # penalties, split the budget across layers at one global threshold, then truncate to exactly
-    # the budget. See spalora.adaptive.
+    # the budget. See spalora.methods.spalora.
     overprovision: float = option(
         1.5, "spalora: train with this many times the rank and nonzeros the budget allows"
     )
@@ -174,13 +176,13 @@ class SpaloraConfig:
 
     def validate(self) -> None:
         """Raise ValueError with a clear message on settings that cannot work."""
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if isinstance(self.mask_strategy, str) and self.mask_strategy not in MASK_STRATEGIES:
-            raise ValueError(
-                f"mask_strategy must be one of {MASK_STRATEGIES} or a callable, "
-                f"got {self.mask_strategy!r}"
-            )
+        method = get_method(self.method)  # one error listing the methods there are
+        for f in dataclasses.fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            # a method may be registered beyond the built-in choices; a mask may be a callable
+            if choices and f.name != "method" and not callable(value) and value not in choices:
+                extra = " or a callable" if f.name == "mask_strategy" else ""
+                raise ValueError(f"{f.name} must be one of {choices}{extra}, got {value!r}")
         if self.density is not None and not (0.0 < float(self.density) < 1.0):
             raise ValueError(f"density must lie in (0, 1), got {self.density}")
         for key, value in self.density_pattern.items():
@@ -201,45 +203,19 @@ class SpaloraConfig:
         check_int("sparse_warmup_steps", self.sparse_warmup_steps, 0)
         for name in ("overprovision", "rank_reg", "sparse_reg", "truncate_at"):
             check_real(name, getattr(self, name))  # finite: nan slips past the range checks
-        if self.method == "spalora":
-            if self.overprovision < 1.0:
-                raise ValueError(f"overprovision must be >= 1, got {self.overprovision}")
-            if self.start_rank not in START_RANKS:
-                raise ValueError(f"start_rank must be 'budget' or 'split', got {self.start_rank!r}")
-            if self.rank_reg < 0 or self.sparse_reg < 0:
-                raise ValueError("rank_reg and sparse_reg must be >= 0")
-            if self.irls_every < 1 or self.rewarm_steps < 0:
-                raise ValueError("irls_every must be >= 1 and rewarm_steps >= 0")
-            if self.allocation not in ALLOCATIONS:
-                raise ValueError(
-                    f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}"
-                )
-            if float(self.truncate_at) <= 0:
-                raise ValueError(f"truncate_at must be > 0, got {self.truncate_at}")
-            if self.restart_after_mask:
-                raise ValueError(
-                    "restart_after_mask is RoSA's recipe; method='spalora' has its own"
-                )
-            if self.budget is None and not (self.rank_pattern or self.nnz_pattern):
-                raise ValueError("method='spalora' needs a budget (it splits one across layers)")
-        if self.method == "lora" and self.density is not None:
-            raise ValueError("density is set but method='lora' has no sparse part")
+        method.validate(self)
 
     @property
     def uses_lora(self) -> bool:
-        return self.method in ("lora", "rosa", "spalora")
+        return get_method(self.method).trains_lora
 
     @property
     def uses_sparse(self) -> bool:
-        return self.method in ("sparse", "rosa", "spalora")
+        return get_method(self.method).trains_sparse
 
     @property
     def effective_rank_fraction(self) -> float:
-        if self.method == "lora":
-            return 1.0
-        if self.method == "sparse":
-            return 0.0
-        return 0.5 if self.rank_fraction is None else float(self.rank_fraction)
+        return get_method(self.method).rank_fraction(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -35,6 +35,7 @@ def save_peft_lora(model: SpaloraModel, out_dir: str | Path) -> Path:
     from peft.utils import SAFETENSORS_WEIGHTS_NAME
     from safetensors.torch import save_file
 
+    model.check_finite_adapter(model.active_adapter, "cannot export the adapter")
     layers = model.adapter_layers()
     with_sparse = [n for n, lay in layers.items() if lay.nnz > 0]
     if with_sparse:

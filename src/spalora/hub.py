@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -128,11 +129,43 @@ def hub_id(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
+# A hub id: "name" or "owner/name" (letters, digits, "-", "_", "."), as huggingface_hub checks.
+_HUB_ID_RE = re.compile(r"[\w\-.]+(/[\w\-.]+)?")
+MODEL_FORMS = (
+    f"--model takes the embedded default {DEFAULT_MODEL!r}, a local model folder, "
+    "or a hub id (owner/name)"
+)
+
+
 def resolve_model_path(name_or_path: str = DEFAULT_MODEL) -> str:
-    """Map the embedded alias to its cached folder; pass folders and hub ids through."""
-    if name_or_path in (DEFAULT_MODEL, "SmolLM2-135M-Instruct"):
+    """Map the embedded alias to its cached folder; pass folders and hub ids through.
+
+    A path that does not exist and cannot be a hub id is a FileNotFoundError saying so (else
+    the hub client's four chained errors end in a complaint about the repo id)."""
+    if is_embedded(name_or_path):
         return str(smollm2_folder())
-    return name_or_path
+    check_model_path(name_or_path)
+    path = Path(name_or_path).expanduser()
+    return str(path) if path.exists() else name_or_path
+
+
+def is_embedded(name: str) -> bool:
+    return name in (DEFAULT_MODEL, "SmolLM2-135M-Instruct")
+
+
+def check_model_path(name_or_path: str) -> None:
+    """Raise FileNotFoundError unless `name_or_path` is the embedded alias, an existing folder
+    or a well-formed hub id; loads nothing, so a job can check it before any work."""
+    if is_embedded(name_or_path):
+        return
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(f"model path {name_or_path} is a file; {MODEL_FORMS}")
+        return
+    looks_like_path = name_or_path.startswith((".", "~", os.sep)) or ".." in name_or_path
+    if looks_like_path or not _HUB_ID_RE.fullmatch(name_or_path):
+        raise FileNotFoundError(f"model path {name_or_path} does not exist; {MODEL_FORMS}")
 
 
 def load_model_and_tokenizer(
@@ -142,8 +175,17 @@ def load_model_and_tokenizer(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as exc:
+        if Path(path).is_dir():  # the folder's own problem: transformers names the file
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise OSError(
+            f"cannot load model {name_or_path!r}: no local folder of that name, and the hub "
+            f"did not provide it ({first}); {MODEL_FORMS}"
+        ) from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, tokenizer

@@ -437,7 +437,7 @@ class SpaloraLinear(FrozenBase):
         """Give the active adapter tensors of rank `r` and `nnz` entries, all zero, no mask.
 
         The tensors are new Parameter objects: an optimizer that held the old ones must be told
-        (spalora.adaptive does this when it truncates a layer to its share of the budget).
+        (our method's controller does this when it truncates a layer to its share of the budget).
         """
         self._check_not_merged("resize")
         self.restore_base_weight()  # the old mask's entries, before its buffers go

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .distributed import is_distributed
-from .irls import factored_svd
 from .layer import SpaloraLinear
+from .lowrank import factored_svd
 
 GRADIENT_STRATEGIES = ("fisher", "grad", "residual")
 ACTIVATION_STRATEGIES = ("wanda",)

@@ -20,7 +20,13 @@ from torch import nn
 from .config import SpaloraConfig
 from .layer import SpaloraLinear, check_size
 from .plan import AdapterPlan, layer_sizes, plan_adapter
-from .serialization import check_adapter_name, read_adapter, split_state, validate_adapter_state
+from .serialization import (
+    check_adapter_name,
+    check_finite,
+    read_adapter,
+    split_state,
+    validate_adapter_state,
+)
 from .targeting import set_submodule
 
 
@@ -243,9 +249,18 @@ class MultiAdapterMixin:
         """
         names = self._names(adapter_names)
         self._check_enabled("merge adapters")
+        for name in names:  # every adapter checked before any weight changes
+            self.check_finite_adapter(name, f"cannot merge adapter {name!r}")
         for name in names:
             for layer in self.adapter_layers(name).values():
                 layer.merge([name])
+
+    def check_finite_adapter(self, adapter_name: str, action: str) -> None:
+        """Refuse an adapter holding NaN or inf: folded into the weights (or exported), it
+        would make every output NaN. The ValueError names the tensor, `action` starts it."""
+        for layer_name, layer in self.adapter_layers(adapter_name).items():
+            tensors = layer.adapter(adapter_name).tensors()
+            check_finite({f"{layer_name}.{k}": v for k, v in tensors.items()}, action)
 
     def unmerge_adapter(self, adapter_names: str | list[str] | None = None) -> None:
         """Subtract merged deltas from the base weights: every merged adapter's (newest first),

@@ -8,7 +8,6 @@ describes the adapter exactly; the caller's config is never mutated.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Any
 
@@ -17,6 +16,7 @@ from torch import nn
 from .budget import LayerAllocation, LayerShape, parse_budget, solve_budget
 from .config import SpaloraConfig
 from .layer import ADAPTER_KEYS, is_quantized, layer_shape
+from .methods.registry import get_method
 from .targeting import find_target_modules, unwrapped
 
 
@@ -26,7 +26,7 @@ class AdapterPlan:
 
     config: SpaloraConfig
     allocations: list[LayerAllocation]
-    # method="spalora" with a budget: what it truncates to ("uniform_allocations",
+    # a method that trains over the budget (ours): what it truncates to ("uniform_allocations",
     # "budget_params"), readable on the model while this adapter is active
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -67,22 +67,6 @@ def uniform_allocation(
     return solve_budget(shapes, budget, config.effective_rank_fraction, config.uses_sparse)
 
 
-def overprovisioned(
-    allocs: list[LayerAllocation], c: float, rank: int | None = None
-) -> list[LayerAllocation]:
-    """c times each layer's rank (or c times `rank` when given; rounded up, at most the layer's
-    smaller side) and nonzeros (capped at the layer's size): what our method trains with until
-    it truncates to the budget."""
-    return [
-        dataclasses.replace(
-            a,
-            r=min(math.ceil(c * (a.r if rank is None else rank)), a.out_features, a.in_features),
-            nnz=min(a.out_features * a.in_features, round(c * a.nnz)),
-        )
-        for a in allocs
-    ]
-
-
 def resolve_allocation(
     model: nn.Module, config: SpaloraConfig, names: list[str]
 ) -> list[LayerAllocation]:
@@ -96,13 +80,8 @@ def resolve_allocation(
         ]
     if config.budget is not None:
         uniform = uniform_allocation(model, config, shapes)
-        if config.method == "spalora":
-            rank = None
-            if config.start_rank == "budget":  # the rank all of the budget buys (LoRA's)
-                budget = parse_budget(config.budget, shapes, base_numel(model))
-                rank = solve_budget(shapes, budget, 1.0, use_sparse=False)[0].r
-            return overprovisioned(uniform, config.overprovision, rank)
-        return uniform
+        budget = parse_budget(config.budget, shapes, base_numel(model))
+        return get_method(config.method).initial_allocation(uniform, shapes, budget, config)
     r = int(config.r) if config.uses_lora else 0
     # An explicit r must fit every layer (a budget's rank is the solver's and stays as it is):
     # above a layer's smaller side it trains more than a full-rank update needs.
@@ -140,7 +119,7 @@ def plan_adapter(model: nn.Module, config: SpaloraConfig, wrapped: bool = False)
         names = [n for n, _ in model.named_modules() if n in saved]
     allocs = resolve_allocation(model, config, names)
     extras: dict[str, Any] = {}
-    if config.method == "spalora" and config.budget is not None:
+    if get_method(config.method).trains_over_budget and config.budget is not None:
         # what the method truncates to: recomputed from the budget, so a reloaded
         # (over-provisioned or already truncated) adapter knows it too
         shapes = [LayerShape(a.name, a.out_features, a.in_features) for a in allocs]

@@ -1,25 +1,22 @@
-"""The RoSA schedule inside one run: LoRA-only warm-up, mask statistics, then joint training.
+"""A method's agenda run inside one training run: each step advances through its phases and
+returns the events the loop must react to.
 
-Drive it from any loop by calling `schedule.step(optimizer)` after each optimizer step, or under
-HF `Trainer` with `SpaloraCallback`. Phases:
+Drive it from any loop by calling `events = schedule.step(optimizer)` after each optimizer step,
+or under HF `Trainer` with `SpaloraCallback`. The agenda is the method's (`spalora.methods`):
+RoSA's is
 
-  warmup  -> `warmup_steps` optimizer steps of LoRA alone (skipped for sparse-only);
+  warmup  -> `warmup_steps` optimizer steps of the low-rank part alone;
   collect -> hooks gather statistics over the next `mask_batches` micro-batches (gradient and
-             activation strategies only; training goes on meanwhile; with several processes,
-             micro-batches of all ranks, whose statistics are summed before the top-k);
-  joint   -> masks are set, values start at zero and train with LoRA; their learning rate
-             ramps up over `sparse_warmup_steps` (`group_lr_scale`).
+             activation strategies; training goes on meanwhile; with several processes,
+             micro-batches of all ranks, whose statistics are summed before the top-k); a
+             strategy that needs no data sets the masks on entering this phase;
+  joint   -> masks are set, values start at zero and train with the low-rank part; their
+             learning rate ramps up over `sparse_warmup_steps` (`group_lr_scale`).
 
-Our method (method="spalora") puts one phase between collect and joint:
-
-  compress -> over-provisioned adapters train under IRLS rank and sparsity penalties while one
-              global threshold splits the budget across layers (spalora.adaptive); at
-              `truncate_at` every layer is cut to its share, and joint training goes on at
-              exactly the budget (`lr_scale()` re-warms the learning rate for `rewarm_steps`).
-
-With `restart_after_mask=True` (the paper's two-run recipe in one run) the adapters return to
-their initial state when the masks are set and the optimizer state is cleared; `restarted` tells
-the loop to restart its learning-rate schedule.
+A phase that ends by its controller (ours: `compress`) hands each step to the method's controller
+until it says it is finished. With `restart_after_mask=True` (the paper's two-run recipe in one
+run) the adapters return to their initial state when the masks are set, the optimizer state is
+cleared, and the step returns RESTARTED so the loop restarts its learning-rate schedule.
 """
 
 from __future__ import annotations
@@ -31,52 +28,79 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from .adaptive import BudgetController
 from .distributed import world_size
 from .masks import MaskCollector, apply_masks, needs_data
+from .methods import (
+    AFTER_CONTROLLER,
+    AFTER_MASK,
+    AFTER_STEPS,
+    MASKS_SET,
+    RESTARTED,
+    Controller,
+    Phase,
+    get_method,
+)
 from .model import SpaloraModel
 
 
 class MaskSchedule:
+    """Runs one method's agenda: `phase` is the current row, `step()` returns events."""
+
     def __init__(
         self, model: SpaloraModel, progress: bool = True, total_steps: int | None = None
     ) -> None:
         self.model = model
         self.config = model.spalora_config
+        self.method = get_method(self.config.method)
         self.progress = progress
         self.total_steps = total_steps
         self.steps = 0
-        self.restarted = False
-        self.resized = False  # set when layers got new parameter tensors (the loop resets it)
+        self.restarted = False  # the run restarted once (the paper's recipe); kept for the record
         self.collector: MaskCollector | None = None
-        self.controller: BudgetController | None = None
+        self.controller: Controller | None = None
         self.mask_step: int | None = None
-        self.truncate_step: int | None = None
         layers = model.adapter_layers()
-        self._has_sparse = any(lay.nnz > 0 for lay in layers.values())
+        self.agenda: tuple[Phase, ...] = self.method.agenda(self.config)
         self._initial_lora = (
             {n: lay.lora_A.detach().clone() for n, lay in layers.items() if lay.r > 0}
             if self.config.restart_after_mask
             else {}
         )
-        if not self._has_sparse or all(lay.mask_ready for lay in layers.values() if lay.nnz > 0):
-            self.phase = "joint"
-        elif self.config.uses_lora and self.config.warmup_steps > 0:
-            self.phase = "warmup"
+        sparse = [lay for lay in layers.values() if lay.nnz > 0]
+        masking = any(row.ends == AFTER_MASK for row in self.agenda)
+        if masking and all(lay.mask_ready for lay in sparse):  # also when there is no S
+            self.index = len(self.agenda) - 1  # nothing to mask: the last phase only
         else:
-            self._begin_masking(None)
+            self.index = 0
+            self._enter(None, [])
+
+    @property
+    def phase(self) -> str:
+        return self.agenda[self.index].name
 
     # ----------------------------------------------------------------- phases
-    def _begin_masking(self, optimizer) -> None:
-        strategy = self.config.mask_strategy
-        if needs_data(strategy):
-            self.phase = "collect"
-            layers = {n: lay for n, lay in self.model.adapter_layers().items() if lay.nnz > 0}
-            self.collector = MaskCollector(layers, strategy).attach()
-        else:
-            self._finish_masking(optimizer)
+    def _enter(self, optimizer, events: list[str]) -> None:
+        """Begin the current row; a row already over on entry (no warm-up left, a mask needing
+        no data) passes straight on to the next."""
+        row = self.agenda[self.index]
+        if row.ends == AFTER_STEPS and self.steps >= row.length:
+            self._advance(optimizer, events)
+        elif row.ends == AFTER_MASK:
+            if needs_data(self.config.mask_strategy):
+                layers = {n: lay for n, lay in self.model.adapter_layers().items() if lay.nnz > 0}
+                self.collector = MaskCollector(layers, self.config.mask_strategy).attach()
+            else:
+                self._finish_masking(optimizer, events)
+        elif row.ends == AFTER_CONTROLLER:
+            self.controller = self.method.controller(
+                self.model, self.total_steps, self.steps, self._input_rms, self.progress
+            )
 
-    def _finish_masking(self, optimizer) -> None:
+    def _advance(self, optimizer, events: list[str]) -> None:
+        self.index += 1
+        self._enter(optimizer, events)
+
+    def _finish_masking(self, optimizer, events: list[str]) -> None:
         layers = {n: lay for n, lay in self.model.adapter_layers().items() if lay.nnz > 0}
         if self.collector is not None:  # several processes: every rank ranks the same sums
             self.collector.all_reduce()
@@ -84,9 +108,10 @@ class MaskSchedule:
         apply_masks(
             layers, self.config.mask_strategy, self.collector, self.config.seed, progress=False
         )
-        input_rms = self.collector.input_rms() if self.collector is not None else None
+        self._input_rms = self.collector.input_rms() if self.collector is not None else None
         self._detach_collector()
         self.mask_step = self.steps
+        events.append(MASKS_SET)
         if self.progress:
             nnz = sum(lay.nnz for lay in layers.values())
             tqdm.write(
@@ -96,12 +121,10 @@ class MaskSchedule:
             )
         if self.config.restart_after_mask and self.steps > 0:  # at step 0 nothing was trained
             self.restart(optimizer)
-        self.phase = "joint"
-        if self.config.method == "spalora":
-            self.controller = BudgetController(
-                self.model, self.total_steps, self.steps, input_rms, self.progress
-            )
-            self.phase = "compress"
+            events.append(RESTARTED)
+        self._advance(optimizer, events)
+
+    _input_rms = None  # set when the masks are: the column weights our controller uses
 
     def restart(self, optimizer=None) -> None:
         """Reset adapters to their initial values (masks kept) and clear optimizer state."""
@@ -120,28 +143,29 @@ class MaskSchedule:
                     optimizer.state.pop(p, None)
         self.restarted = True
 
-    def step(self, optimizer=None) -> str:
-        """Advance by one optimizer step; returns the phase for the next step."""
+    def step(self, optimizer=None) -> tuple[str, ...]:
+        """Advance by one optimizer step; returns the events raised (MASKS_SET, RESTARTED,
+        RESIZED), in order. `phase` then names the phase of the next step."""
         self.steps += 1
-        if self.phase == "warmup" and self.steps >= self.config.warmup_steps:
-            self._begin_masking(optimizer)
+        events: list[str] = []
+        row = self.agenda[self.index]
+        if row.ends == AFTER_STEPS and self.steps >= row.length:
+            self._advance(optimizer, events)
         elif (
-            self.phase == "collect"
+            row.ends == AFTER_MASK
             # mask_batches counts micro-batches over all ranks (each rank sees its share)
             and self.collector.batches * world_size() >= self.config.mask_batches
         ):
-            self._finish_masking(optimizer)
-        elif self.phase == "compress" and self.controller.step(self.steps, optimizer):
-            self.phase = "joint"
-            self.truncate_step = self.steps
-            self.resized = True
-        return self.phase
+            self._finish_masking(optimizer, events)
+        elif row.ends == AFTER_CONTROLLER:
+            events += self.controller.step(self.steps, optimizer)
+            if self.controller.finished:
+                self._advance(optimizer, events)
+        return tuple(events)
 
     def lr_scale(self) -> float:
-        """Factor on the learning rate for the next step: a linear re-warm after truncation."""
-        if self.truncate_step is None or not self.config.rewarm_steps:
-            return 1.0
-        return min(1.0, (self.steps - self.truncate_step + 1) / self.config.rewarm_steps)
+        """Factor on the learning rate for the next step (ours: a re-warm after truncation)."""
+        return 1.0 if self.controller is None else self.controller.lr_scale(self.steps)
 
     def group_lr_scale(self, group: str | None) -> float:
         """Extra factor on one optimizer group's learning rate for the next step: the sparse
@@ -166,7 +190,7 @@ class MaskSchedule:
     def close(self) -> None:
         """Detach the statistics hooks; warn when the run ended before the masks were set."""
         self._detach_collector()
-        if self.phase != "joint":
+        if self.mask_step is None and self.index < len(self.agenda) - 1:
             warnings.warn(
                 f"training ended in the {self.phase!r} phase after {self.steps} steps: the sparse "
                 f"masks were never set (warmup_steps={self.config.warmup_steps}, "
@@ -178,15 +202,25 @@ class MaskSchedule:
         """Continue a saved schedule (checkpoints are never taken while statistics accumulate)."""
         if state["phase"] == "collect":
             raise ValueError("cannot resume a schedule in the middle of mask collection")
+        names = [row.name for row in self.agenda]
+        if state["phase"] not in names:
+            raise ValueError(
+                f"the checkpoint's phase {state['phase']!r} is not in method "
+                f"{self.method.name!r}'s agenda {names}"
+            )
         self._detach_collector()  # a sparse-only schedule starts collecting at construction
         self.steps = state["steps"]
-        self.phase = state["phase"]
+        self.index = names.index(state["phase"])
         self.mask_step = state["mask_step"]
         self.restarted = state["restarted"]
-        self.truncate_step = state.get("truncate_step")
+        self.controller = None
         if state.get("controller") is not None:
-            self.controller = BudgetController(self.model, self.total_steps, self.steps)
+            self.controller = self.method.controller(
+                self.model, self.total_steps, self.steps, None, self.progress
+            )
             self.controller.load_state_dict(state["controller"])
+            if getattr(self.controller, "truncated_at", 0) is None and "truncate_step" in state:
+                self.controller.truncated_at = state["truncate_step"]  # an older checkpoint
 
     def state_dict(self) -> dict:
         return {
@@ -194,7 +228,6 @@ class MaskSchedule:
             "phase": self.phase,
             "mask_step": self.mask_step,
             "restarted": self.restarted,
-            "truncate_step": self.truncate_step,
             "controller": None if self.controller is None else self.controller.state_dict(),
         }
 
@@ -211,13 +244,14 @@ class SpaloraCallback(TrainerCallback):
         self.schedule = MaskSchedule(model, progress=progress)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.schedule.config.method == "spalora" and world_size() > 1:
+        if self.schedule.method.trains_over_budget and world_size() > 1:
             # Trainer's DDP wrapper would keep the tensors truncation replaces: ranks would drift
             raise ValueError(
-                "method='spalora' under Trainer with several processes is not supported: "
+                f"method={self.schedule.method.name!r} under Trainer with several processes is "
+                "not supported: "
                 "train with spalora.train.train() or `spalora train` under torchrun instead"
             )
-        self.schedule.total_steps = state.max_steps  # for method="spalora"'s truncation step
+        self.schedule.total_steps = state.max_steps  # for a controller's step count (ours)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -61,16 +62,60 @@ def adapter_folder(adapter_dir: str | Path, adapter_name: str) -> Path:
     return adapter_dir
 
 
+def read_config(folder: str | Path) -> SpaloraConfig:
+    """An adapter folder's configuration; a damaged or invalid file is a ValueError naming it
+    (the parser's own message names no file)."""
+    try:
+        return SpaloraConfig.load(folder)
+    except (ValueError, TypeError, AttributeError) as exc:  # bad JSON, keys or values
+        raise ValueError(f"{Path(folder) / CONFIG_NAME}: {exc}") from exc
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated or corrupt file is a ValueError naming it."""
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from exc
+
+
+def check_tensor_file(path: str | Path) -> None:
+    """Read a safetensors file's header only: raises as `read_tensors` would on a truncated or
+    corrupt file, without loading a tensor."""
+    try:
+        with safe_open(str(path), "pt") as fh:
+            fh.keys()
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc})") from exc
+
+
+def check_finite(state: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Refuse NaN or inf in an adapter's values: merged or loaded, they spread to every output.
+
+    `where` (the file, or what is being done) starts the message."""
+    for key, value in state.items():
+        if value.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise ValueError(
+                    f"{where}: tensor {key!r} holds {bad} of {value.numel()} values that are "
+                    "NaN or inf"
+                )
+
+
 def read_adapter(
     adapter_dir: str | Path, adapter_name: str
 ) -> tuple[SpaloraConfig, dict[str, torch.Tensor]]:
-    """The config and tensors of a saved adapter (its subfolder for a named one, if any)."""
+    """The config and tensors of a saved adapter (its subfolder for a named one, if any); a
+    damaged file or a NaN / inf value is a ValueError naming the file (and the tensor)."""
     folder = adapter_folder(adapter_dir, adapter_name)
-    config = SpaloraConfig.load(folder)
+    config = read_config(folder)
     weights = folder / WEIGHTS_NAME
     if not weights.exists():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
-    return config, load_file(str(weights))
+    state = read_tensors(weights)
+    check_finite(state, weights)
+    return config, state
 
 
 def expected_shapes(name: str, out_f: int, in_f: int, r: int, nnz: int) -> dict[str, tuple]:
@@ -89,7 +134,8 @@ def expected_shapes(name: str, out_f: int, in_f: int, r: int, nnz: int) -> dict[
 def validate_adapter_state(
     model: nn.Module, config: SpaloraConfig, state: dict[str, torch.Tensor], wrapped: bool = False
 ) -> None:
-    """Check that a saved adapter fits `model`: names, sizes, shapes and CSR indices.
+    """Check that a saved adapter fits `model`: names, sizes, shapes, CSR indices and finite
+    values.
 
     Raises a ValueError naming the first tensor that does not fit; reads nothing but `state`.
     """
@@ -123,6 +169,7 @@ def validate_adapter_state(
         raise ValueError(
             f"adapter file has tensors this configuration does not expect: {extra[:5]}"
         )
+    check_finite(state, "adapter state")
 
 
 def split_state(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

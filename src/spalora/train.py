@@ -40,6 +40,7 @@ from .distributed import (
     world_size,
 )
 from .losses import completion_loss  # the name the loop calls (tests patch it here)
+from .methods import RESIZED, RESTARTED
 from .model import SpaloraModel
 from .runlog import RunLog
 from .schedule import MaskSchedule
@@ -51,12 +52,11 @@ class NoSchedule:
 
     phase = "joint"
     restarted = False
-    resized = False
     mask_step = None
     controller = None
 
-    def step(self, optimizer) -> str:
-        return self.phase
+    def step(self, optimizer) -> tuple[str, ...]:
+        return ()
 
     def lr_scale(self) -> float:
         return 1.0
@@ -305,26 +305,20 @@ class Trainer:
                 "(the last checkpoint, if any, is the last good state)"
             )
 
-    def step_schedule(self) -> list[str]:
-        """One schedule step; returns the events it raised ("resized", "restarted").
+    def step_schedule(self) -> tuple[str, ...]:
+        """One schedule step; returns the events it raised (spalora.methods: MASKS_SET,
+        RESTARTED, RESIZED)."""
+        return self.schedule.step(self.optimizer)
 
-        Read from the schedule's flags and reset here: a schedule whose `step` returns its
-        events replaces this body with `return self.schedule.step(self.optimizer)`."""
-        self.schedule.step(self.optimizer)
-        events = [name for name in ("resized", "restarted") if getattr(self.schedule, name)]
-        for name in events:
-            setattr(self.schedule, name, False)
-        return events
-
-    def on_schedule_events(self, events: list[str], phase_before: str, loss: float) -> None:
+    def on_schedule_events(self, events: tuple[str, ...], phase_before: str, loss: float) -> None:
         """The loop's one reaction to the schedule: new tensors, a re-wrap, a restart."""
-        if "resized" in events:  # our method truncated its layers: new parameter tensors
+        if RESIZED in events:  # a controller cut its layers: new parameter tensors
             self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         phase = self.schedule.phase
-        if self.world > 1 and ("resized" in events or phase != phase_before):
+        if self.world > 1 and (RESIZED in events or phase != phase_before):
             self.parallel.trained_tensors_changed()  # masks set or layers truncated: new DDP
             check_in_sync(self.model, f"after step {self.step - 1} ({phase_before} -> {phase})")
-        if "restarted" in events:  # the paper's recipe: train both parts again from step 0
+        if RESTARTED in events:  # the paper's recipe: train both parts again from step 0
             self.lr_step = 0
             self.bar.reset(total=self.cfg.steps)
         else:

@@ -35,6 +35,7 @@ from ..distributed import (
     resolve_device,
     world_size,
 )
+from ..hub import check_model_path
 from ..train import Trainer
 from .output import JobError, check_output_folder, remove_checkpoints, write_or_fall_back
 from .zero_shot import base_score
@@ -127,6 +128,10 @@ class FinetuneRecipe:
         init_distributed()  # several ranks: every one runs this job; rank 0 prints and writes
         self.main = is_main()
         self.say = print if self.main else _silent
+        try:  # a missing model folder is said before any data loads
+            check_model_path(self.cfg.run.model)
+        except FileNotFoundError as exc:
+            raise JobError(str(exc)) from exc
         self.setup_data()
         self.check_output()
         self.setup_model()
@@ -177,6 +182,7 @@ class FinetuneRecipe:
         adapter around it."""
         from ..hub import load_model_and_tokenizer
         from ..model import get_spalora_model
+        from ..plan import plan_adapter
 
         run = self.cfg.run
         self.device = self.resolve_device()
@@ -191,12 +197,13 @@ class FinetuneRecipe:
             except (ImportError, ValueError) as exc:
                 raise JobError(str(exc)) from exc
             self.say(f"[spalora] base quantized to {run.quantize}: {base_memory(model)}")
-        if self.cfg.evaluate:
-            self.score_zero_shot(model)
-        try:
-            self.model = get_spalora_model(model, self.cfg.adapter)
+        try:  # an adapter that cannot fit this model is refused before the zero-shot score
+            plan_adapter(model, self.cfg.adapter)
         except ValueError as exc:
             raise JobError(str(exc)) from exc
+        if self.cfg.evaluate:
+            self.score_zero_shot(model)
+        self.model = get_spalora_model(model, self.cfg.adapter)
         if self.main:
             small = len(self.model.allocations) <= 16
             print(self.model.allocation_table() if small else short_table(self.model))

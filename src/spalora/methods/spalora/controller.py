@@ -3,9 +3,9 @@
 After the Fisher mask is set, every layer trains with rank R0 = c r and c k candidate nonzeros.
 Every `irls_every` steps the controller refreshes, per layer, the SVD of B A (from QR of the small
 factors) and the magnitudes of S, finds one global threshold that splits the budget into per-layer
-targets (r_l, k_l) (allocate.py), and moves the IRLS smoothing eps <- min(eps, sigma_{r_l+1}) and
+targets (r_l, k_l) (allocation.py), and moves the IRLS smoothing eps <- min(eps, sigma_{r_l+1}) and
 delta <- min(delta, (k_l+1)-th largest |s|): both only decrease. After each optimizer step it takes
-one decoupled step on the rank and sparsity penalties (irls.py) scaled by each group's current
+one decoupled step on the rank and sparsity penalties (penalties.py) scaled by each group's current
 learning rate, as AdamW does with weight decay. At `truncate_at`, each layer is cut to its best
 rank-r_l part and its top k_l entries, the optimizer forgets those tensors, the learning rate
 re-warms over `rewarm_steps`, and training goes on at exactly the budget.
@@ -19,9 +19,11 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from .allocate import Allocation, LayerCandidates, allocate_budget
-from .irls import factored_svd, kth_largest, rank_penalty, rank_weights, sparse_weights
-from .layer import SpaloraLinear
+from ...layer import SpaloraLinear
+from ...lowrank import factored_svd
+from ..base import RESIZED, swap_parameters
+from .allocation import Allocation, LayerCandidates, allocate_budget
+from .penalties import kth_largest, rank_penalty, rank_weights, sparse_weights
 
 FLOOR = 1e-8  # eps and delta never go below this (weights stay finite)
 
@@ -62,20 +64,6 @@ def truncate_layer(layer: SpaloraLinear, r: int, k: int, entry_score: torch.Tens
     return {old[key]: new[key] for key in old if old[key] is not None}
 
 
-def swap_parameters(optimizer: torch.optim.Optimizer, swaps: dict) -> None:
-    """Replace parameters in the optimizer's groups (dropping their state); None removes one."""
-    for group in optimizer.param_groups:
-        params = []
-        for p in group["params"]:
-            if p in swaps:
-                optimizer.state.pop(p, None)
-                if swaps[p] is not None:
-                    params.append(swaps[p])
-            else:
-                params.append(p)
-        group["params"] = params
-
-
 class BudgetController:
     """IRLS refreshes, decoupled penalty steps, global allocation and truncation (see module)."""
 
@@ -111,6 +99,7 @@ class BudgetController:
         self.targets = dict(self.uniform)
         self.allocation: Allocation | None = None
         self.truncated = False
+        self.truncated_at: int | None = None  # the optimizer step after which the cut was made
         self._weights: dict[str, dict] = {}
         self.log: list[dict] = []  # one summary per refresh: how the budget is being split
 
@@ -229,28 +218,44 @@ class BudgetController:
                 file=sys.stderr,
             )
 
-    def step(self, step: int, optimizer: torch.optim.Optimizer | None) -> bool:
-        """Called after optimizer step number `step`; True when the layers were truncated now."""
+    @property
+    def finished(self) -> bool:
+        return self.truncated
+
+    def step(self, step: int, optimizer: torch.optim.Optimizer | None) -> tuple[str, ...]:
+        """Called after optimizer step number `step`; (RESIZED,) when the layers were cut now."""
         if self.truncated:
-            return False
+            return ()
         if step >= self.truncate_step:
             self.truncate(optimizer)
-            return True
+            self.truncated_at = step
+            return (RESIZED,)
         if (step - self.start_step) % self.cfg.irls_every == 0 or not self._weights:
             self.refresh()
         if optimizer is not None:
             self.apply_penalties(optimizer)
-        return False
+        return ()
+
+    def lr_scale(self, step: int) -> float:
+        """A linear re-warm of every learning rate over `rewarm_steps` after the cut."""
+        if self.truncated_at is None or not self.cfg.rewarm_steps:
+            return 1.0
+        return min(1.0, (step - self.truncated_at + 1) / self.cfg.rewarm_steps)
 
     def state_dict(self) -> dict:
+        """Everything the next steps read: the IRLS weights of the last refresh (tensors), the
+        smoothing, the targets, the step counters and the log; resuming from it is exact."""
         return {
             "eps": self.eps,
             "delta": self.delta,
             "targets": {n: list(t) for n, t in self.targets.items()},
             "truncated": self.truncated,
             "truncate_step": self.truncate_step,
+            "truncated_at": self.truncated_at,
             "start_step": self.start_step,
             "input_rms": {n: v.tolist() for n, v in self.input_rms.items()},
+            "weights": {n: dict(w) for n, w in self._weights.items()},
+            "log": list(self.log),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -259,6 +264,15 @@ class BudgetController:
         self.targets = {n: (int(t[0]), int(t[1])) for n, t in state["targets"].items()}
         self.truncated = bool(state["truncated"])
         self.truncate_step = int(state["truncate_step"])
+        self.truncated_at = state.get("truncated_at")
         self.start_step = int(state["start_step"])
         self.input_rms = {n: torch.tensor(v) for n, v in state["input_rms"].items()}
-        self._weights.clear()  # recomputed at the next step from the restored adapter
+        # an older checkpoint without weights: recomputed at the next step (close, not exact)
+        self._weights = {}
+        for name, weights in state.get("weights", {}).items():
+            layer = self.layers[name]
+            self._weights[name] = {
+                k: v.to(layer.sparse_values if k == "w" else layer.lora_B)
+                for k, v in weights.items()
+            }
+        self.log = list(state.get("log", []))
