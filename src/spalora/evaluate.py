@@ -204,3 +204,19 @@ def evaluate_task(
 def format_value(metric: str, value: float) -> str:
     """0.85 -> '85.00%' for rate metrics; perplexity as a plain number."""
     return f"{value:.2f}" if metric == "perplexity" else f"{value:.2%}"
+
+
+def validation_scores(
+    model, tokenizer, task, examples: list[Example], max_length: int, batch_size: int
+) -> dict[str, float]:
+    """The completion loss and, unless the task is loss-only, its metric on `examples`
+    (quietly: it runs inside the training bar)."""
+    values = {
+        "loss": completion_loss_of(
+            model, tokenizer, examples, max_length=max_length, progress=False
+        )["loss"]
+    }
+    if task.score is not None:
+        result = evaluate_task(model, tokenizer, task, examples, batch_size, False, "validation")
+        values[task.metric] = result["value"]
+    return values

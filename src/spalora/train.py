@@ -16,22 +16,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import (
-    check_resumable,
-    list_checkpoints,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    training_recipe,
-)
+from .checkpoint import training_recipe
 from .config import SpaloraConfig, TrainConfig
 from .data import batches, encode_examples
 from .distributed import (
     DistributedTraining,
-    agree,
     check_in_sync,
     dist_backend,
-    gather_objects,
     init_distributed,
     local_device,
     mean_over_ranks,
@@ -42,6 +33,7 @@ from .distributed import (
 from .losses import completion_loss  # the name the loop calls (tests patch it here)
 from .methods import RESIZED, RESTARTED
 from .model import SpaloraModel
+from .resume import ResumableMixin
 from .runlog import RunLog
 from .schedule import MaskSchedule
 
@@ -81,7 +73,7 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-class Trainer:
+class Trainer(ResumableMixin):
     """One model's training as named steps; `setup()` runs them in order, `train()` is the loop.
 
     Invariants: every check on earlier checkpoints comes before anything (hooks, adapter values)
@@ -152,32 +144,6 @@ class Trainer:
         if self.world > 1:  # the global batch depends on it (one-process signatures unchanged)
             self.signature["world_size"] = self.world
 
-    def find_checkpoint(self) -> None:
-        """The checkpoint to resume from (None: a fresh run), after every check on it."""
-        cfg = self.cfg
-        if (cfg.checkpoint_every or cfg.resume) and not self.is_spalora:
-            raise ValueError("checkpoints and resume are for spalora models only")
-        existing = list_checkpoints(cfg.checkpoint_dir) if cfg.checkpoint_dir else []
-        if self.world > 1 and cfg.checkpoint_dir:  # every rank resumes from the same checkpoint
-            agree(
-                [p.name for p in existing],
-                f"the checkpoints in {cfg.checkpoint_dir} (every node must see that folder)",
-            )
-        if existing and not cfg.resume and cfg.checkpoint_every:
-            raise ValueError(
-                f"{cfg.checkpoint_dir} holds checkpoints of an earlier run: resume it, "
-                "or remove them or choose another output folder"
-            )
-        if cfg.resume and not existing and self.main:
-            where = cfg.checkpoint_dir or "(no checkpoint folder given)"
-            tqdm.write(
-                f"[spalora] resume: no checkpoint in {where}; starting a fresh run",
-                file=sys.stderr,
-            )
-        self.latest = existing[-1] if cfg.resume and existing else None
-        if self.latest is not None:
-            check_resumable(self.latest, self.recipe, self.signature)
-
     def setup_optimizer(self) -> None:
         """AdamW over the LoRA and sparse groups (a model without spalora layers: one group)."""
         model, cfg = self.model, self.cfg
@@ -201,23 +167,6 @@ class Trainer:
         if self.is_spalora:
             progress = self.cfg.progress and self.main
             self.schedule = MaskSchedule(self.model, progress=progress, total_steps=self.cfg.steps)
-
-    def resume(self) -> None:
-        """Restore adapter, optimizer, RNG, schedule and position from the checkpoint, if any."""
-        self.model.train()
-        if self.latest is None:
-            return
-        saved = load_checkpoint(self.latest, self.model, self.optimizer, rank=self.rank)
-        self.step, self.lr_step, self.consumed = saved["step"], saved["lr_step"], saved["consumed"]
-        self.resumed_from = self.step
-        self.history = saved["history"]
-        self.schedule.load_state_dict(saved["schedule"])
-        if self.main:
-            tqdm.write(
-                f"[spalora] resumed from {self.latest} (step {self.step}, "
-                f"phase {self.schedule.phase})",
-                file=sys.stderr,
-            )
 
     def setup_parallel(self) -> None:
         """After any load: rank 0's adapters copied to all, then DDP wraps or FSDP shards."""
@@ -331,29 +280,6 @@ class Trainer:
         every = self.cfg.eval_every
         due = every and self.step % every == 0 and self.lr_step < self.cfg.steps
         return bool(due) and self.schedule.phase != "collect"
-
-    def checkpoint_due(self) -> bool:
-        """Every `checkpoint_every` steps, except while mask statistics accumulate (they are
-        not part of a checkpoint)."""
-        every = self.cfg.checkpoint_every
-        return bool(every) and self.step % every == 0 and self.schedule.phase != "collect"
-
-    def save_checkpoint(self) -> None:
-        state = {
-            "step": self.step,
-            "lr_step": self.lr_step,
-            "consumed": self.consumed,
-            "signature": self.signature,
-            "recipe": self.recipe,
-            "schedule": self.schedule.state_dict(),
-            "history": self.history,
-        }
-        rank_rng = gather_objects(rng_state()) if self.world > 1 else None  # all ranks
-        if self.main:
-            cfg = self.cfg
-            save_checkpoint(
-                cfg.checkpoint_dir, self.model, self.optimizer, state, cfg.keep_last, rank_rng
-            )
 
     def record(self, row: dict) -> None:
         """Every rank keeps the history; rank 0 writes it to the log and TensorBoard."""

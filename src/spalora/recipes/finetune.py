@@ -252,28 +252,12 @@ class FinetuneRecipe:
 
     def validation_scores(self, model) -> dict[str, float]:
         """The task metric (unless loss-only) and the completion loss on the validation split."""
-        from ..evaluate import completion_loss_of, evaluate_task
+        from ..evaluate import validation_scores
 
-        loss = completion_loss_of(
-            model,
-            self.tokenizer,
-            self.validation,
-            max_length=self.cfg.train.max_length,
-            progress=False,
+        run, max_length = self.cfg.run, self.cfg.train.max_length
+        return validation_scores(
+            model, self.tokenizer, self.task, self.validation, max_length, run.eval_batch_size
         )
-        values = {"loss": loss["loss"]}
-        if self.task.score is not None:
-            result = evaluate_task(
-                model,
-                self.tokenizer,
-                self.task,
-                self.validation,
-                self.cfg.run.eval_batch_size,
-                False,
-                "validation",
-            )
-            values[self.task.metric] = result["value"]
-        return values
 
     def setup_optimizer(self) -> None:
         """The loop around the adapter: its data, the checkpoint it resumes from (checked),
@@ -286,7 +270,7 @@ class FinetuneRecipe:
                 self.model,
                 self.tokenizer,
                 train_cfg,
-                self.validation_scores,
+                self.validation_scores,  # during training, every eval_every steps
                 recipe_extra=self.cfg.job_keys(),
             )
             self.trainer.setup_data(self.task.train)

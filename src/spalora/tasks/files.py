@@ -314,6 +314,70 @@ def _eval_rows(path: Path) -> tuple[Rows, str]:
     return splits["test"], f"{path.name}[test]"
 
 
+def _check_options(
+    metric: str, test_fraction: float, validation_fraction: float, max_new_tokens: int | None
+) -> None:
+    """Refuse a load_file_task option out of range, before any file is read."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
+    for split, fraction in (("test", test_fraction), ("validation", validation_fraction)):
+        if not 0 < fraction < 0.5:
+            raise ValueError(f"{split}_fraction must be in (0, 0.5); got {fraction}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be positive; got {max_new_tokens}")
+
+
+def _given_held_out(
+    path: Path,
+    splits: dict[str, Rows],
+    eval_path: str | Path | None,
+    read: Callable[[Rows, str], list[Example]],
+    notes: list[str],
+    train: list[Example],
+) -> tuple[dict[str, list[Example]], dict[str, str]]:
+    """The held-out examples the user gave, by split, and where each split came from: test from
+    `eval_path` when given (the source's own test split then unused, with a note), else the
+    source's test and validation splits where it has them. Examples whose prompt also occurs in
+    `train` are dropped, with a note."""
+    held: dict[str, list[Example]] = {}
+    origin: dict[str, str] = {}  # split -> where its examples came from
+    if eval_path is not None:
+        rows, origin["test"] = _eval_rows(Path(eval_path))
+        held["test"] = read(rows, origin["test"])
+        if "test" in splits:
+            notes.append(f"{path.name}[test] not used: the test examples come from eval_path")
+    for split in ("test", "validation"):
+        if split in splits and split not in held:
+            origin[split] = f"{path.name}[{split}]"
+            held[split] = read(splits[split], origin[split])
+    seen = {_key(e) for e in train}
+    for split in list(held):
+        held[split], note = _drop_seen(held[split], seen, origin[split])
+        notes.extend([note] if note else [])
+    return held, origin
+
+
+def _summary(
+    train_source: str,
+    kind: str,
+    n_rows: int,
+    n_usable: int,
+    held: dict[str, list[Example]],
+    n_train: int,
+    origin: dict[str, str],
+    seed: int,
+) -> str:
+    """The task's first note: rows usable, split sizes, and where each held-out split came from."""
+    how = {
+        s: f"from {origin[s]}" if s in origin else f"carved by prompt (seed {seed})" for s in held
+    }
+    return (
+        f"{train_source} ({kind}): {n_usable} of {n_rows} rows usable -> "
+        f"{n_train} train / {len(held['validation'])} validation / {len(held['test'])} test; "
+        f"validation {how['validation']}, test {how['test']}"
+    )
+
+
 def load_file_task(
     path: str | Path,
     *,
@@ -345,13 +409,7 @@ def load_file_task(
     `metric`: "exact" (whitespace-normalized exact match), "label" (classification accuracy over
     the train completions), "number" (first number equal) or "loss" (perplexity only).
     """
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-    for split, fraction in (("test", test_fraction), ("validation", validation_fraction)):
-        if not 0 < fraction < 0.5:
-            raise ValueError(f"{split}_fraction must be in (0, 0.5); got {fraction}")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be positive; got {max_new_tokens}")
+    _check_options(metric, test_fraction, validation_fraction, max_new_tokens)
     path = Path(path)
     kind, splits = _read_source(path)
     if "train" not in splits:
@@ -366,35 +424,15 @@ def load_file_task(
     train_source = f"{path.name}[train]" if len(splits) > 1 else path.name
     train = read(splits["train"], train_source)
     n_usable = len(train)
-    held: dict[str, list[Example]] = {}
-    origin: dict[str, str] = {}  # split -> where its examples came from
-    if eval_path is not None:
-        rows, origin["test"] = _eval_rows(Path(eval_path))
-        held["test"] = read(rows, origin["test"])
-        if "test" in splits:
-            notes.append(f"{path.name}[test] not used: the test examples come from eval_path")
-    for split in ("test", "validation"):
-        if split in splits and split not in held:
-            origin[split] = f"{path.name}[{split}]"
-            held[split] = read(splits[split], origin[split])
-    seen = {_key(e) for e in train}
-    for split in list(held):
-        held[split], note = _drop_seen(held[split], seen, origin[split])
-        notes.extend([note] if note else [])
+    held, origin = _given_held_out(path, splits, eval_path, read, notes, train)
     to_carve = [split for split in ("test", "validation") if split not in held]
     if to_carve:
         fractions = {"test": test_fraction, "validation": validation_fraction}
         *parts, train = _carve(train, [fractions[s] for s in to_carve], train_source, seed)
         held.update(zip(to_carve, parts, strict=True))
     score, metric_name, labels, default_tokens = _scoring(metric, train)
-    how = {
-        s: f"from {origin[s]}" if s in origin else f"carved by prompt (seed {seed})" for s in held
-    }
-    summary = (
-        f"{train_source} ({kind}): {n_usable} of {len(splits['train'])} rows usable -> "
-        f"{len(train)} train / {len(held['validation'])} validation / {len(held['test'])} test; "
-        f"validation {how['validation']}, test {how['test']}"
-    )
+    n_rows = len(splits["train"])
+    summary = _summary(train_source, kind, n_rows, n_usable, held, len(train), origin, seed)
     return Task(
         "file",
         train,

@@ -70,12 +70,5 @@ class Spalora(Method):
             Phase("joint"),
         )
 
-    def controller(
-        self,
-        model: Any,
-        total_steps: int | None,
-        start_step: int,
-        input_rms: dict | None,
-        progress: bool,
-    ) -> Any:
+    def controller(self, model, total_steps, start_step, input_rms, progress) -> BudgetController:
         return BudgetController(model, total_steps, start_step, input_rms, progress)
