@@ -6,6 +6,9 @@ validation split carved from the training data; the best setting is then trained
 and 2, and the table reports the test metric's mean and standard deviation over the 3 seeds.
 Every run is cached as one JSON file named by the hash of its full configuration, so a killed
 benchmark continues where it stopped and the tables are rebuilt from the cache alone.
+
+This module runs and caches; the statistics over the records are in `accuracy_stats`, the report
+(accuracy.md, .csv, the plots) in `accuracy_report`, and both are re-exported from here.
 """
 
 from __future__ import annotations
@@ -445,7 +448,9 @@ def run_benchmark(
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; available: {sorted(METHODS)}")
-    bench = Selection(profile, model, cache, load_model, load_task, progress, run_missing, save_dir)
+    bench = BenchmarkRuns(
+        profile, model, cache, load_model, load_task, progress, run_missing, save_dir
+    )
     for task in tasks:
         for r_eq in budgets:
             for method in methods:
@@ -458,7 +463,7 @@ def best_index(results: list[dict]) -> int:
     return max(range(len(results)), key=lambda i: (results[i]["validation"], -i))
 
 
-class Selection:
+class BenchmarkRuns:
     """One benchmark's runs, setting by setting: the seed-0 grid of each method, the choice on
     validation, then the reported seeds at the chosen setting. Holds the rates chosen so far
     (an ablation trains at its reference method's) and what the report is made from."""

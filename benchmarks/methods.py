@@ -2,7 +2,8 @@
 
 Every builder takes the frozen base model and the budget as a LoRA-rank equivalent r_eq
 (P = r_eq * sum of (in + out) over the adapted layers) and returns the model to train with at
-most P trainable parameters. LoRA scales are alpha / r = 2 everywhere (PEFT Supra's default).
+most P trainable parameters. LoRA scales are alpha / r = 2 (PEFT Supra's default) everywhere
+but in our method, which has LoRA's alpha at the budget (see _ours).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from torch import nn
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Starting grids, points a factor ~3 apart; the harness extends a grid past its edge whenever the
 # choice lands there (accuracy.next_lr), so every method's rate ends up inside its grid.
-# Adapters started at 3e-4/1e-3/3e-3; our LoRA chose 3e-3, so the grid moved up one point.
 ADAPTER_LRS = (1e-3, 3e-3, 1e-2)
 ROSA_SPARSE_LR_RATIO = 2e-4 / 7e-4
 FFT_LRS = (1e-5, 3e-5, 1e-4, 3e-4)
@@ -34,15 +34,11 @@ class Method:
     lr_from: str | None = None
     # Bumped when a change in the library changes what this method trains: its cached runs
     # then no longer match (the key holds it once > 0) and are trained again, while the other
-    # methods' runs stay valid. 1: the sparse values' learning rate warms up after the masks
-    # are set (SpaloraConfig.sparse_warmup_steps), which every method with a mask gets. 2 (ours):
-    # the starting rank is 1.5x the rank all of P buys, not 1.5x the even split's (start_rank).
-    # 3 (ours): lora_alpha = 2 r_eq, LoRA's at the budget, instead of scale 2 at the starting rank.
+    # methods' runs stay valid. What each revision changed: docs/results/README.md.
     revision: int = 0
     # The sparse values' learning rate as a fraction of the grid's: RoSA's paper trains S at
-    # 2e-4 against LoRA's 7e-4. At the same rate as LoRA, S destabilised training here (arithmetic,
-    # lr 3e-3: the training loss rose from ~1.3 before the mask to ~1.6 after it, with spikes to
-    # 2.5). Sparse-only keeps the grid's rate: S is all it trains.
+    # 2e-4 against LoRA's 7e-4, and at LoRA's rate S destabilises training once the mask is set.
+    # Sparse-only keeps the grid's rate: S is all it trains.
     sparse_lr_ratio: float = 1.0
     # Controls: methods this one is paired with in the report, besides our method.
     compare_with: tuple[str, ...] = ()
@@ -105,8 +101,8 @@ def _ours(**settings):
     lora_alpha is LoRA's at the budget (2 r_eq), so the rank-ceil(1.5 r_eq) start trains at scale
     2 r_eq / ceil(1.5 r_eq) (4/3 at r_eq = 2 and 8): with Adam a LoRA update grows with the scale
     and with the rank at a given learning rate, and at scale 2 the over-provisioned start took
-    larger steps than the other low-rank methods at the same rate (training loss 0.07 higher at
-    the end of a paired run, arithmetic; docs/method.md)."""
+    larger steps than the other low-rank methods at the same rate (docs/results/README.md,
+    revision 3)."""
 
     def build(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
         from spalora import SpaloraConfig, get_spalora_model
@@ -199,9 +195,9 @@ METHODS: dict[str, Method] = {
         Method(
             "sparse", _spalora("sparse"), revision=1, description="our sparse-only, Fisher mask"
         ),
-        # Control for PEFT ShiRA's lead at r_eq = 2: the same entries-only adapter in our code
-        # with ShiRA's uniform random support, so the mask is the one thing that differs from
-        # `sparse` (which rate each prefers is chosen on validation, as for every method).
+        # Control for PEFT ShiRA: the same entries-only adapter in our code with ShiRA's uniform
+        # random support, so the mask is the one thing that differs from `sparse` (which rate
+        # each prefers is chosen on validation, as for every method).
         Method(
             "sparse-random",
             _spalora("sparse", mask="random"),
