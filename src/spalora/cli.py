@@ -23,6 +23,7 @@ from .config import (
     recipe_default,
     recipe_defaults,
 )
+from .methods import get_method, method_names
 
 # flag -> (section, key): section None is a top-level (RunConfig) key. Each of these flags sets
 # one config field and takes its type, choices, help and default from that field.
@@ -217,8 +218,9 @@ def resolve_recipe(args: argparse.Namespace) -> dict:
         for key in BUDGET_KEYS:  # explicit sizes replace the default (or the YAML's) budget
             adapter.pop(key, None)
     adapter["seed"] = recipe["train"]["seed"]  # one seed: split, data order, init, masks
-    if adapter.get("method") == "lora":
-        adapter.pop("density", None)
+    method = adapter.get("method")
+    if method in method_names() and not get_method(method).trains_sparse:
+        adapter.pop("density", None)  # a recipe's density means nothing to a low-rank method
     return recipe
 
 
