@@ -70,7 +70,12 @@ def trainable_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _spalora(method: str, fraction: float | None = None, mask: str = "fisher"):
+def _spalora(
+    method: str, fraction: float | None = None, mask: str = "fisher", warmup: int | None = None
+):
+    """Our lora / sparse / rosa; `warmup` fixes the low-rank warm-up (a random support needs
+    none), else the profile's."""
+
     def build(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
         from spalora import SpaloraConfig, get_spalora_model
 
@@ -84,7 +89,7 @@ def _spalora(method: str, fraction: float | None = None, mask: str = "fisher"):
             lora_alpha=2.0 * r,
             lora_dropout=0.0,
             mask_strategy=mask,
-            warmup_steps=variant.get("warmup_steps", 40),
+            warmup_steps=variant.get("warmup_steps", 40) if warmup is None else warmup,
             mask_batches=variant.get("mask_batches", 8),
             seed=variant.get("seed", 0),
         )
@@ -204,6 +209,17 @@ METHODS: dict[str, Method] = {
             revision=1,
             description="control: our sparse-only, uniform random mask (ShiRA's support)",
             compare_with=("peft-shira", "sparse"),
+        ),
+        # Issue 25's oracle pilot: does a fixed mixed split beat all-sparse when both parts train
+        # from step 0, S on a random support at its own (10x) rate?
+        Method(
+            "split-random",
+            _spalora("rosa", mask="random", warmup=0),
+            variants=rosa_splits,
+            revision=1,
+            sparse_lr_ratio=10.0,
+            description="pilot: rank + random support from step 0, S at 10x the rate",
+            compare_with=("sparse-random", "peft-shira"),
         ),
         Method(
             "rosa",

@@ -6,6 +6,7 @@
 #   setsid nohup benchmarks/pilot_queue.sh seed-noise &   # lora vs PEFT ShiRA, r_eq 2, seeds 1-8
 #   setsid nohup benchmarks/pilot_queue.sh admission &    # fft vs lora at r_eq 1 and 2, 150 / 600 steps
 #   setsid nohup benchmarks/pilot_queue.sh peers &        # the peer queue: arithmetic, r_eq 2, 150 steps
+#   setsid nohup benchmarks/pilot_queue.sh oracle &       # issue 25's split pilot, selection seed 0
 #
 # SPALORA_CACHE_ROOT moves the caches (default benchmarks/cache); logs: runs/queues/pilot-NAME.*
 set -uo pipefail
@@ -58,5 +59,13 @@ case $name in
       run v2-600 lora 2 1e-3 "$seed"
       run v2-600 lora 1 1e-3 "$seed"
     done ;;
-  *) echo "unknown queue $name (seed-noise | admission | peers)" >&2; exit 2 ;;
+  oracle)  # issue 25, direction 1: at r_eq 2 (whole ranks: 0, 50 or 100% on rank) a mixed split
+    # with S on a random support from step 0 at 10x LoRA's rate, against all-sparse (ours and
+    # ShiRA) and LoRA at the same seed. Seed 0 is the selection seed: never reported.
+    run v2 split-random 2 1e-3 0 rank_fraction=0.5
+    run v2 sparse-random 2 1e-2 0
+    run v2 peft-shira 2 1e-2 0
+    run v2 lora 2 1e-3 0
+    run v2 split-random 2 3e-4 0 rank_fraction=0.5 ;;
+  *) echo "unknown queue $name (seed-noise | admission | peers | oracle)" >&2; exit 2 ;;
 esac
