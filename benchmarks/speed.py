@@ -251,12 +251,26 @@ def run_speed(
     progress: bool = True,
     command: str = "python -m benchmarks speed",
 ) -> list[Path]:
+    """Time the rows, measure memory and the mask, write speed.md and speed.csv."""
     load_model = model_loader(model_name)
-
     times = time_rows(rows, load_model, repeats, progress=progress)
-    median = {row: statistics.median(t) for row, t in times.items()}
     memories = {row: memory_of(row, model_name) for row in rows} if memory else {}
     mask = memory_of("mask", model_name) if memory else mask_generation(load_model)
+    table = speed_table(rows, times, memories)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "speed.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(table)
+    lines = speed_lines(table, times, mask, repeats, command)
+    (out / "speed.md").write_text("\n".join(lines))
+    return [out / "speed.md", out / "speed.csv"]
+
+
+def speed_table(rows, times: dict, memories: dict) -> list[dict]:
+    """One row per method: median step time, its ratios, peak memory and base weights."""
+    median = {row: statistics.median(t) for row, t in times.items()}
     table = []
     for row in rows:
         table.append(
@@ -275,12 +289,11 @@ def run_speed(
                 ),
             }
         )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "speed.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(table)
+    return table
+
+
+def speed_lines(table: list[dict], times: dict, mask: dict, repeats: int, command: str) -> list:
+    """speed.md: the setting, the table, the round-by-round ratios, the mask's cost."""
     lines = [
         "# Speed and memory per training step",
         "",
@@ -328,8 +341,7 @@ def run_speed(
         f"RSS {mask.get('peak_rss_mb', float('nan')):.0f} MB (fresh process).",
         "",
     ]
-    (out / "speed.md").write_text("\n".join(lines))
-    return [out / "speed.md", out / "speed.csv"]
+    return lines
 
 
 if __name__ == "__main__":
