@@ -117,15 +117,17 @@ def _ours(**settings):
             method="spalora",
             target_modules=list(LINEAR_NAMES),
             budget=f"r{r_eq}",
-            rank_fraction=0.5,
             overprovision=c,
             lora_alpha=2.0 * r_eq,  # LoRA's at the budget: scale 2 r_eq / ceil(c r_eq)
             lora_dropout=0.0,
-            mask_strategy=settings.get("mask_strategy", "fisher"),
-            warmup_steps=variant.get("warmup_steps", 40),
             mask_batches=variant.get("mask_batches", 8),
             seed=variant.get("seed", 0),
-            **{k: v for k, v in settings.items() if k != "mask_strategy"},
+            **{
+                "rank_fraction": 0.5,
+                "mask_strategy": "fisher",
+                "warmup_steps": variant.get("warmup_steps", 40),
+                **settings,
+            },
         )
         return get_spalora_model(model, cfg)
 
@@ -133,16 +135,21 @@ def _ours(**settings):
 
 
 def _ours_method(
-    name: str, description: str, sparse_lr_ratio: float = ROSA_SPARSE_LR_RATIO, **settings
+    name: str,
+    description: str,
+    sparse_lr_ratio: float = ROSA_SPARSE_LR_RATIO,
+    candidate: bool = False,
+    **settings,
 ) -> Method:
     """Our method or one of its ablations: one revision and, unless an ablation changes it, one
-    sparse rate for all of them; the ablations train at the rate chosen for `spalora`."""
+    sparse rate for all of them; the ablations train at the rate chosen for `spalora`, a
+    `candidate` for the next revision at its own."""
     return Method(
         name,
         _ours(**settings),
         revision=3,
         sparse_lr_ratio=sparse_lr_ratio,
-        lr_from="spalora" if settings else None,
+        lr_from="spalora" if settings and not candidate else None,
         description=description,
     )
 
@@ -239,6 +246,21 @@ METHODS: dict[str, Method] = {
         ),
         _ours_method(
             "spalora", "ours: IRLS rank + sparsity penalties, global allocation, truncation"
+        ),
+        # Issue 25's candidate for revision 4 (docs/method.md): both parts from step 0, S on a
+        # random support as large as all of P buys at 10x LoRA's rate, the budget reached on a
+        # cubic schedule between 10% and 60% of the run, pruning keeps Adam's moments.
+        _ours_method(
+            "spalora-gradual",
+            "candidate: both parts from step 0, S at 10x, budget reached by cubic pruning",
+            sparse_lr_ratio=10.0,
+            candidate=True,
+            rank_fraction=0.0,
+            mask_strategy="random",
+            warmup_steps=0,
+            reach_budget="cubic",
+            prune_from=0.1,
+            truncate_at=0.6,
         ),
         _ours_method(
             "spalora-rank-reg",

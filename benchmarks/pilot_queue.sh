@@ -7,6 +7,7 @@
 #   setsid nohup benchmarks/pilot_queue.sh admission &    # fft vs lora at r_eq 1 and 2, 150 / 600 steps
 #   setsid nohup benchmarks/pilot_queue.sh peers &        # the peer queue: arithmetic, r_eq 2, 150 steps
 #   setsid nohup benchmarks/pilot_queue.sh oracle &       # issue 25's split pilot, selection seed 0
+#   setsid nohup benchmarks/pilot_queue.sh revision &     # issue 25's candidate, selection seed 0
 #
 # SPALORA_CACHE_ROOT moves the caches (default benchmarks/cache); logs: runs/queues/pilot-NAME.*
 set -uo pipefail
@@ -67,5 +68,9 @@ case $name in
     run v2 peft-shira 2 1e-2 0
     run v2 lora 2 1e-3 0
     run v2 split-random 2 3e-4 0 rank_fraction=0.5 ;;
-  *) echo "unknown queue $name (seed-noise | admission | peers | oracle)" >&2; exit 2 ;;
+  revision)  # issue 25's candidate for revision 4 (spalora-gradual, S at 10x LoRA's rate) at
+    # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
+    run v2 spalora-gradual 2 1e-3 0
+    run v2 spalora-gradual 2 3e-3 0 ;;
+  *) echo "unknown queue $name (seed-noise | admission | peers | oracle | revision)" >&2; exit 2 ;;
 esac

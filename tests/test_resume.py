@@ -278,6 +278,17 @@ EVERY_PHASE = {  # short runs whose checkpoints fall in every phase of each meth
     "spalora": dict(
         method="spalora", budget="r2", warmup_steps=3, mask_batches=2, truncate_at=11, irls_every=3
     ),
+    "spalora-cubic": dict(  # a checkpoint between prunes carries pruned Adam moments
+        method="spalora",
+        budget="r2",
+        warmup_steps=0,
+        mask_strategy="random",
+        rank_fraction=0.0,
+        reach_budget="cubic",
+        prune_from=0.1,
+        truncate_at=13,
+        irls_every=3,
+    ),
 }
 
 

@@ -85,10 +85,15 @@ def test_quick_benchmark_runs_caches_and_reports(tmp_path, monkeypatch):
             # and its adapter is saved, with that split, for `spalora plot`
             saved = SpaloraConfig.load(r["saved_model"])
             assert {n: v[2] for n, v in r["allocation"].items()} == saved.rank_pattern
-            # the controller's log: refreshes (splits of the whole budget), then the cut
+            # the controller's log: refreshes (splits of the whole budget), then the cut, or
+            # for the gradual candidate the step where the budget was reached
             *refreshes, cut = r["budget_log"]
             assert refreshes and all(0.0 <= e["rank_share"] <= 1.0 for e in refreshes)
-            assert 0.0 <= cut["truncated_fraction"] <= 1.0
+            if rec["spec"]["method"] == "spalora-gradual":
+                assert cut["at_budget_after_step"] >= 1
+                assert cut["start_params"] == r["peak_trainable_params"]
+            else:
+                assert 0.0 <= cut["truncated_fraction"] <= 1.0
         else:
             assert r["allocation"] is None and r["budget_log"] is None
 

@@ -26,6 +26,7 @@ METHODS = method_names()  # the built-ins (the CLI's choices); Python users may 
 MASK_STRATEGIES = ("fisher", "grad", "residual", "magnitude", "wanda", "random")
 ALLOCATIONS = ("global", "uniform")
 START_RANKS = ("budget", "split")
+REACH_BUDGET = ("cut", "cubic")
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -160,6 +161,16 @@ class SpaloraConfig:
     )
     rewarm_steps: int = option(
         5, "spalora: steps over which the learning rate re-warms after the truncation"
+    )
+    # "cubic": prune to the budget on a schedule from prune_from to truncate_at, keeping the
+    # optimizer state of what stays (spalora.methods.spalora.gradual).
+    reach_budget: str = option(
+        "cut",
+        "spalora: cut to the budget at truncate_at (cut) or prune to it gradually (cubic)",
+        choices=REACH_BUDGET,
+    )
+    prune_from: float = option(
+        0.1, "spalora, cubic: fraction of the run where the budget starts to fall"
     )
     # Filled by the solver / at save time; reloading uses them verbatim.
     rank_pattern: dict[str, int] = option({}, "per-layer rank (the solver's)", recipe=False)

@@ -111,16 +111,31 @@ class Method:
         raise NotImplementedError(f"method {self.name!r} has no controller phase")
 
 
-def swap_parameters(optimizer: torch.optim.Optimizer, swaps: dict) -> None:
-    """Replace parameters in the optimizer's groups (dropping their state); None removes one.
-    A controller that resizes layers calls this before it returns RESIZED."""
+def swap_parameters(
+    optimizer: torch.optim.Optimizer, swaps: dict, keep: dict | None = None
+) -> None:
+    """Replace parameters in the optimizer's groups; None removes one. A replaced parameter's
+    state is dropped, unless `keep` maps it to the positions the new one keeps (a 1-d
+    subset): its per-entry state is then carried over at those positions. A controller that
+    resizes layers calls this before it returns RESIZED."""
+    keep = keep or {}
     for group in optimizer.param_groups:
         params = []
         for p in group["params"]:
             if p in swaps:
-                optimizer.state.pop(p, None)
-                if swaps[p] is not None:
-                    params.append(swaps[p])
+                state = optimizer.state.pop(p, None)
+                new = swaps[p]
+                if new is not None:
+                    params.append(new)
+                    if state and p in keep:
+                        optimizer.state[new] = {
+                            k: v[keep[p]].clone() if _per_entry(v, p) else v
+                            for k, v in state.items()
+                        }
             else:
                 params.append(p)
         group["params"] = params
+
+
+def _per_entry(value: Any, param: torch.Tensor) -> bool:
+    return torch.is_tensor(value) and value.shape == param.shape and value.dim() > 0

@@ -1,0 +1,153 @@
+"""Our method reaching its budget gradually (reach_budget="cubic"): the cubic schedule, pruning
+that keeps the optimizer state of what stays, and an end-to-end run that ends on the exact budget
+and saves, reloads and merges like every other adapter."""
+
+import pytest
+import torch
+
+from spalora import SpaloraConfig, SpaloraModel, get_spalora_model
+from spalora.layer import SpaloraLinear
+from spalora.methods import swap_parameters
+from spalora.methods.spalora.gradual import GradualController, prune_layer
+from spalora.train import TrainConfig, train
+
+from .conftest import WORD_EXAMPLES, tiny_llama, word_tokenizer
+
+
+def config(**kw) -> SpaloraConfig:
+    base = dict(
+        method="spalora",
+        budget="r2",
+        warmup_steps=0,
+        mask_strategy="random",
+        rank_fraction=0.0,
+        reach_budget="cubic",
+        prune_from=0.1,
+        truncate_at=0.6,
+        irls_every=2,
+        lora_dropout=0.0,
+    )
+    return SpaloraConfig(**{**base, **kw})
+
+
+def _adam_layer(r=3, nnz=30, steps=3, seed=0):
+    torch.manual_seed(seed)
+    layer = SpaloraLinear(torch.nn.Linear(9, 12), r=r, lora_alpha=4.0, nnz=nnz)
+    layer.reset_lora()
+    layer.set_mask(torch.randperm(9 * 12)[:nnz])
+    opt = torch.optim.AdamW([layer.lora_A, layer.lora_B, layer.sparse_values], lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        layer(torch.randn(4, 9)).pow(2).sum().backward()
+        opt.step()
+    return layer, opt
+
+
+def test_pruning_sparse_entries_keeps_the_moments_of_those_that_stay():
+    layer, opt = _adam_layer()
+    old_A, old_S = layer.lora_A, layer.sparse_values
+    values, flat = old_S.detach().clone(), layer.mask_flat_indices().clone()
+    moments = {k: v.clone() for k, v in opt.state[old_S].items()}
+    swaps, keep = prune_layer(layer, 3, 12)
+    swap_parameters(opt, swaps, keep)
+    top = torch.sort(torch.topk(values.abs(), 12).indices).values
+    assert layer.nnz == 12 and torch.equal(layer.mask_flat_indices(), flat[top])
+    assert torch.equal(layer.sparse_values.detach(), values[top])
+    new = opt.state[layer.sparse_values]
+    assert torch.equal(new["exp_avg"], moments["exp_avg"][top])
+    assert torch.equal(new["exp_avg_sq"], moments["exp_avg_sq"][top])
+    assert torch.equal(new["step"], moments["step"])
+    # the rank did not change: the same factor tensors, their state untouched
+    assert layer.lora_A is old_A and old_A in opt.state
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert not any(p is old_S for p in held) and any(p is layer.sparse_values for p in held)
+    opt.zero_grad()
+    layer(torch.randn(4, 9)).pow(2).sum().backward()
+    opt.step()  # trains on with the new shapes
+
+
+def test_pruning_a_rank_keeps_the_best_part_and_restarts_only_the_factors():
+    layer, opt = _adam_layer()
+    delta = (layer.scale * layer.lora_B @ layer.lora_A).detach().double()
+    old_S = layer.sparse_values
+    moments = opt.state[old_S]["exp_avg_sq"].clone()
+    swaps, keep = prune_layer(layer, 1, 30)
+    swap_parameters(opt, swaps, keep)
+    U, S, Vh = torch.linalg.svd(delta)
+    best = S[0] * torch.outer(U[:, 0], Vh[0])
+    got = (layer.scale * layer.lora_B @ layer.lora_A).detach().double()
+    torch.testing.assert_close(got, best, rtol=1e-5, atol=1e-5)
+    assert layer.lora_A not in opt.state and layer.lora_B not in opt.state  # basis rotated
+    # every entry stays: the moments follow to the new tensor
+    assert torch.equal(opt.state[layer.sparse_values]["exp_avg_sq"], moments)
+    assert old_S not in opt.state and layer.nnz == 30
+
+
+def test_nothing_to_prune_changes_nothing():
+    layer, _ = _adam_layer()
+    A, S = layer.lora_A, layer.sparse_values
+    assert prune_layer(layer, 5, 40) == ({}, {})
+    assert layer.lora_A is A and layer.sparse_values is S
+
+
+def test_cubic_schedule_falls_from_the_start_size_to_the_budget():
+    model = get_spalora_model(tiny_llama(), config())
+    start = model.get_nb_trainable_parameters()[0]
+    ctl = GradualController(model, total_steps=100, start_step=0, progress=False)
+    P = model.budget_params
+    # all of the budget as nonzeros, and LoRA at the rank all of it buys, each 1.5x
+    assert start == ctl.start_params and start > 2.5 * P
+    assert ctl.prune_step == 10 and ctl.truncate_step == 60
+    assert ctl.budget_at(0) == ctl.budget_at(10) == start
+    assert ctl.budget_at(60) == ctl.budget_at(99) == P
+    mid = (start - P) * (1 - 25 / 50) ** 3 + P
+    assert ctl.budget_at(35) == round(mid)
+    seq = [ctl.budget_at(t) for t in range(101)]
+    assert all(b >= a for a, b in zip(seq[1:], seq[:-1], strict=True))  # never grows
+
+
+def test_tiny_run_prunes_in_steps_and_ends_on_the_exact_budget(tmp_path, monkeypatch):
+    model = get_spalora_model(tiny_llama(), config())
+    budget, start = model.budget_params, model.get_nb_trainable_parameters()[0]
+    sizes = []
+    real_step = GradualController.step
+
+    def spy(self, step, optimizer):
+        events = real_step(self, step, optimizer)
+        sizes.append(self.params())
+        held = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        assert held == self.params()  # the optimizer trains exactly what the layers hold
+        return events
+
+    monkeypatch.setattr(GradualController, "step", spy)
+    cfg = TrainConfig(steps=30, batch_size=8, lora_lr=3e-3, sparse_lr=3e-2, progress=False)
+    out = train(model, word_tokenizer(), WORD_EXAMPLES, cfg)
+    assert sizes[0] == start and sizes[-1] == budget
+    assert all(b <= a for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+    assert len(set(sizes)) >= 4  # several prunes, not one cut
+    assert out["final_phase"] == "joint" and len(out["budget_log"]) >= 3
+    layers = model.adapter_layers()
+    assert model.get_nb_trainable_parameters()[0] == budget
+    assert sum(lay.num_adapter_parameters() for lay in layers.values()) == budget
+    model.save_pretrained(tmp_path / "ad")
+    x = torch.randint(0, 96, (2, 10))
+    model.eval()
+    with torch.no_grad():
+        y = model(input_ids=x).logits
+        again = SpaloraModel.from_pretrained(tiny_llama(), tmp_path / "ad")
+        torch.testing.assert_close(again(input_ids=x).logits, y)
+        merged = again.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=x).logits, y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        (dict(prune_from=1.0), "prune_from must be in"),
+        (dict(prune_from=0.5, truncate_at=0.4), "must come after prune_from"),
+        (dict(reach_budget="linear"), "reach_budget must be one of"),
+    ],
+)
+def test_schedule_errors(kw, message):
+    with pytest.raises(ValueError, match=message):
+        get_spalora_model(tiny_llama(), config(**kw))
