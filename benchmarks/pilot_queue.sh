@@ -5,6 +5,7 @@
 #
 #   setsid nohup benchmarks/pilot_queue.sh seed-noise &   # lora vs PEFT ShiRA, r_eq 2, seeds 1-8
 #   setsid nohup benchmarks/pilot_queue.sh admission &    # fft vs lora at r_eq 1 and 2, 150 / 600 steps
+#   setsid nohup benchmarks/pilot_queue.sh admission-r1 & # ShiRA vs LoRA at r_eq 1, seeds 1-2
 #   setsid nohup benchmarks/pilot_queue.sh peers &        # the peer queue: arithmetic, r_eq 2, 150 steps
 #   setsid nohup benchmarks/pilot_queue.sh oracle &       # issue 25's split pilot, selection seed 0
 #   setsid nohup benchmarks/pilot_queue.sh revision &     # issue 25's candidate, selection seed 0
@@ -68,9 +69,14 @@ case $name in
     run v2 peft-shira 2 1e-2 0
     run v2 lora 2 1e-3 0
     run v2 split-random 2 3e-4 0 rank_fraction=0.5 ;;
+  admission-r1)  # the second condition: is ShiRA below LoRA by 3 targets at r_eq 1 too?
+    for seed in 1 2; do
+      run v2 peft-shira 1 1e-2 "$seed"
+      run v2 lora 1 1e-3 "$seed"
+    done ;;
   revision)  # issue 25's candidate for revision 4 (spalora-gradual, S at 10x LoRA's rate) at
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | peers | oracle | revision)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision)" >&2; exit 2 ;;
 esac
