@@ -92,6 +92,32 @@ def test_pilot_report_pairs_arms_and_puts_fft_first(tmp_path):
         "| peft-shira lr=0.001 | lora lr=0.001 |" in text or "| lora lr=0.001 | peft-shira" in text
     )
     assert "nats of mean test NLL" in text
+    assert "Selection seed 0" not in text  # no seed-0 runs: no selection table
+
+
+def test_pilot_report_ranks_selection_seed_runs_on_validation(tmp_path):
+    import json
+
+    from benchmarks.pilot import write_pilot_report
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    gen = torch.Generator().manual_seed(1)
+    val = (torch.rand(400, generator=gen) + 1).tolist()
+    for method, shift in (("lora", 0.0), ("peft-shira", -0.1), ("sparse-random", -0.098)):
+        rec = fake_record(method, 2, 0, [x + shift for x in val[:50]], [1] * 50)
+        noise = (0.05 * torch.randn(400, generator=gen)).tolist()
+        rec["result"]["validation_nll"] = [x + shift + e for x, e in zip(val, noise, strict=True)]
+        (cache / f"{method}-0.json").write_text(json.dumps(rec))
+    (path,) = write_pilot_report([cache], tmp_path / "out", "cmd")
+    rows = path.read_text().split("## Selection seed 0")[1].splitlines()
+    table = [r for r in rows if r.startswith("| arithmetic")]
+    assert [r.split(" | ")[1] for r in table] == [
+        "peft-shira lr=0.001", "sparse-random lr=0.001", "lora lr=0.001",
+    ]  # fmt: skip
+    assert table[0].split(" | ")[4] == "best"
+    # 0.1 nats behind is clear at one seed; 0.002 is not (no seed-noise pairs: allowance 0)
+    assert table[2].split(" | ")[4] == "yes" and table[1].split(" | ")[4] == "no"
 
 
 def test_nested_gap_counts_fold_to_fold_spread():
