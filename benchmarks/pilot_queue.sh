@@ -9,6 +9,7 @@
 #   setsid nohup benchmarks/pilot_queue.sh peers &        # the peer queue: arithmetic, r_eq 2, 150 steps
 #   setsid nohup benchmarks/pilot_queue.sh oracle &       # issue 25's split pilot, selection seed 0
 #   setsid nohup benchmarks/pilot_queue.sh revision &     # issue 25's candidate, selection seed 0
+#   setsid nohup benchmarks/pilot_queue.sh revision-ablation &  # its rank part off; split at 3e-3
 #
 # SPALORA_CACHE_ROOT moves the caches (default benchmarks/cache); logs: runs/queues/pilot-NAME.*
 set -uo pipefail
@@ -69,6 +70,9 @@ case $name in
     run v2 peft-shira 2 1e-2 0
     run v2 lora 2 1e-3 0
     run v2 split-random 2 3e-4 0 rank_fraction=0.5 ;;
+  revision-ablation)  # the candidate without its rank part, and the split at LoRA's 3e-3
+    run v2 spalora-gradual-sparse 2 1e-3 0
+    run v2 split-random 2 3e-3 0 rank_fraction=0.5 ;;
   admission-r1)  # the second condition: is ShiRA below LoRA by 3 targets at r_eq 1 too?
     for seed in 1 2; do
       run v2 peft-shira 1 1e-2 "$seed"
@@ -78,5 +82,5 @@ case $name in
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation)" >&2; exit 2 ;;
 esac
