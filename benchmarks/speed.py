@@ -43,6 +43,7 @@ ROWS = (
     "peft-supra",
     "spalora",
     "spalora-final",
+    "spalora-gradual",
 )
 CSV_COLUMNS = (
     "row",
@@ -58,6 +59,7 @@ PAIRED = (  # (row, reference) ratios reported round by round: the issues' targe
     ("rosa", "peft-lora"),
     ("spalora", "rosa"),
     ("spalora-final", "rosa"),
+    ("spalora-gradual", "peft-lora"),
 )
 
 
@@ -76,6 +78,8 @@ def build_row(row: str, load_model) -> tuple[torch.nn.Module, torch.optim.Optimi
     most expensive phase.
     `spalora-final` is after truncation, at exactly the budget with per-layer ranks (those of a
     truncation after 2 steps here: the total is the budget's, the split is not a trained one).
+    `spalora-gradual` is issue 25's candidate before its budget falls (3 P: rank 1.5 r_eq and
+    1.5 P random entries, penalty steps): its most expensive phase.
     """
     model, _ = load_model()
     model.train()
@@ -92,7 +96,7 @@ def build_row(row: str, load_model) -> tuple[torch.nn.Module, torch.optim.Optimi
     method = row.removesuffix("-final").removesuffix("-int8")
     wrapped = build_method(method, model, R_EQ, variant)
     schedule = None
-    if method in ("sparse", "rosa", "spalora"):
+    if method in ("sparse", "rosa", "spalora", "spalora-gradual"):
         from spalora.schedule import MaskSchedule
 
         # the measured step comes after the mask: choose it first (and for spalora-final,
@@ -107,7 +111,7 @@ def build_row(row: str, load_model) -> tuple[torch.nn.Module, torch.optim.Optimi
         if row == "spalora-final":
             step(wrapped, fixed_batch(vocab, seed=2), optimizer, schedule)
         wrapped.zero_grad(set_to_none=True)
-        expected = "compress" if row == "spalora" else "joint"
+        expected = "compress" if row in ("spalora", "spalora-gradual") else "joint"
         assert schedule.phase == expected, (row, schedule.phase)
         if schedule.phase == "joint":
             schedule = None
@@ -304,9 +308,10 @@ def speed_lines(table: list[dict], times: dict, mask: dict, repeats: int, comman
         f"8 x 128 tokens, budget r_eq = {R_EQ} (sparse and RoSA: masks already chosen; RoSA "
         f"and Supra: half the budget on rank; spalora: our method's compress phase, rank 1.5 r_eq "
         f"and 1.5x the even split's nonzeros with IRLS penalty steps, and spalora-final: after "
-        f"truncation to the "
-        f"budget; rosa-int8: RoSA with the adapted projections of the frozen base stored as "
-        f"int8, weight-only). Rows interleaved in one process, median of "
+        f"truncation to the budget; spalora-gradual: issue 25's candidate before its budget "
+        f"falls, rank 1.5 r_eq and 1.5 P random entries with penalty steps; rosa-int8: RoSA "
+        f"with the adapted projections of the frozen base stored as int8, weight-only). Rows "
+        f"interleaved in one process, median of "
         f"{repeats} steps after 2 warm-up rounds; peak resident memory from a fresh process per "
         "row (3 steps, the peak reset after the model is built and its masks chosen). Base "
         "weights: the adapted projections' frozen weights as stored (MiB).",

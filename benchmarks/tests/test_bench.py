@@ -174,6 +174,10 @@ def test_speed_benchmark_on_a_saved_tiny_model(tmp_path):
     assert "Mask generation" in paths[0].read_text()
     per_round = [line for line in paths[0].read_text().splitlines() if " | rosa | " in line]
     assert [line.split(" | ")[0] for line in per_round] == ["| spalora", "| spalora-final"]
+    per_round = [line for line in paths[0].read_text().splitlines() if " | peft-lora | " in line]
+    assert [line.split(" | ")[0] for line in per_round] == [
+        "| lora", "| rosa", "| spalora-gradual",
+    ]  # fmt: skip
 
 
 def test_profile_script_runs_and_lists_the_extra_operators(tmp_path, monkeypatch):
