@@ -10,6 +10,7 @@
 #   setsid nohup benchmarks/pilot_queue.sh oracle &       # issue 25's split pilot, selection seed 0
 #   setsid nohup benchmarks/pilot_queue.sh revision &     # issue 25's candidate, selection seed 0
 #   setsid nohup benchmarks/pilot_queue.sh revision-ablation &  # its rank part off; split at 3e-3
+#   CANDIDATE_LR=1e-3 setsid nohup benchmarks/pilot_queue.sh revision-seeds &  # seeds 1-5
 #
 # SPALORA_CACHE_ROOT moves the caches (default benchmarks/cache); logs: runs/queues/pilot-NAME.*
 set -uo pipefail
@@ -73,6 +74,10 @@ case $name in
   revision-ablation)  # the candidate without its rank part, and the split at LoRA's 3e-3
     run v2 spalora-gradual-sparse 2 1e-3 0
     run v2 split-random 2 3e-3 0 rank_fraction=0.5 ;;
+  revision-seeds)  # the candidate's reported seeds at the rate seed 0 chose (CANDIDATE_LR)
+    for seed in 1 2 3 4 5; do
+      run v2 spalora-gradual 2 "${CANDIDATE_LR:?the rate chosen on seed 0}" "$seed"
+    done ;;
   admission-r1)  # the second condition: is ShiRA below LoRA by 3 targets at r_eq 1 too?
     for seed in 1 2; do
       run v2 peft-shira 1 1e-2 "$seed"
@@ -82,5 +87,5 @@ case $name in
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-seeds)" >&2; exit 2 ;;
 esac
