@@ -10,7 +10,7 @@
 #   setsid nohup benchmarks/pilot_queue.sh oracle &       # issue 25's split pilot, selection seed 0
 #   setsid nohup benchmarks/pilot_queue.sh revision &     # issue 25's candidate, selection seed 0
 #   setsid nohup benchmarks/pilot_queue.sh revision-ablation &  # its rank part off; split at 3e-3
-#   CANDIDATE_LR=1e-3 setsid nohup benchmarks/pilot_queue.sh revision-seeds &  # seeds 1-5
+#   setsid nohup benchmarks/pilot_queue.sh revision-seeds &  # the candidate, selected + 5 seeds
 #
 # SPALORA_CACHE_ROOT moves the caches (default benchmarks/cache); logs: runs/queues/pilot-NAME.*
 set -uo pipefail
@@ -74,10 +74,13 @@ case $name in
   revision-ablation)  # the candidate without its rank part, and the split at LoRA's 3e-3
     run v2 spalora-gradual-sparse 2 1e-3 0
     run v2 split-random 2 3e-3 0 rank_fraction=0.5 ;;
-  revision-seeds)  # the candidate's reported seeds at the rate seed 0 chose (CANDIDATE_LR)
-    for seed in 1 2 3 4 5; do
-      run v2 spalora-gradual 2 "${CANDIDATE_LR:?the rate chosen on seed 0}" "$seed"
-    done ;;
+  revision-seeds)  # the candidate through the protocol: its grid at seed 0 (and 100 where
+    # close), then 5 reported seeds at the chosen rate, as every peer
+    echo "$(date -u +%FT%TZ) start revision-seeds" >> "$log.log"
+    $PY -m benchmarks v2 --tasks arithmetic --budgets 2 --seeds 5 --no-progress \
+      --methods spalora-gradual --cache "$root/accuracy-v2" --out runs/queues/revision-report \
+      >> "$log.log" 2>> "$log.err"
+    echo "$(date -u +%FT%TZ) exit $?" >> "$log.log" ;;
   admission-r1)  # the second condition: is ShiRA below LoRA by 3 targets at r_eq 1 too?
     for seed in 1 2; do
       run v2 peft-shira 1 1e-2 "$seed"
