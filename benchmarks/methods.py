@@ -139,6 +139,7 @@ def _ours_method(
     description: str,
     sparse_lr_ratio: float = ROSA_SPARSE_LR_RATIO,
     candidate: bool = False,
+    lr_from: str | None = None,
     **settings,
 ) -> Method:
     """Our method or one of its ablations: one revision and, unless an ablation changes it, one
@@ -149,7 +150,7 @@ def _ours_method(
         _ours(**settings),
         revision=3,
         sparse_lr_ratio=sparse_lr_ratio,
-        lr_from="spalora" if settings and not candidate else None,
+        lr_from=lr_from or ("spalora" if settings and not candidate else None),
         description=description,
     )
 
@@ -267,12 +268,25 @@ METHODS: dict[str, Method] = {
             "candidate's ablation: no rank part (1.5 P random entries pruned to P)",
             sparse_lr_ratio=10.0,
             candidate=True,
+            lr_from="spalora-gradual",
             rank_fraction=0.0,
             start_rank="split",
             mask_strategy="random",
             warmup_steps=0,
             reach_budget="cubic",
             prune_from=0.1,
+            truncate_at=0.6,
+        ),
+        _ours_method(
+            "spalora-gradual-cut",
+            "candidate's ablation: the same start, cut to the budget at once at 60% (no schedule)",
+            sparse_lr_ratio=10.0,
+            candidate=True,
+            lr_from="spalora-gradual",
+            rank_fraction=0.0,
+            mask_strategy="random",
+            warmup_steps=0,
+            reach_budget="cut",
             truncate_at=0.6,
         ),
         _ours_method(

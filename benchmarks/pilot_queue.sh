@@ -81,6 +81,10 @@ case $name in
       --methods spalora-gradual --cache "$root/accuracy-v2" --out runs/queues/revision-report \
       >> "$log.log" 2>> "$log.err"
     echo "$(date -u +%FT%TZ) exit $?" >> "$log.log" ;;
+  revision-ablations)  # the candidate's parts, each paired at the selection seed: the cubic
+    # schedule against one cut at 60%, and (revision-ablation) the rank part
+    run v2 spalora-gradual-cut 2 1e-3 0
+    run v2 spalora-gradual-sparse 2 1e-3 0 ;;
   admission-r1)  # the second condition: is ShiRA below LoRA by 3 targets at r_eq 1 too?
     for seed in 1 2; do
       run v2 peft-shira 1 1e-2 "$seed"
@@ -90,5 +94,5 @@ case $name in
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-seeds)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds)" >&2; exit 2 ;;
 esac
