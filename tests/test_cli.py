@@ -63,7 +63,7 @@ def test_file_task_errors_come_before_the_model_loads(tmp_path):
         main(["train", "--task", "file", "--data", str(bad)])
 
 
-@pytest.mark.parametrize("recipe", ["default", "demo", "rosa-paper", "spalora"])
+@pytest.mark.parametrize("recipe", ["default", "demo", "rosa-paper", "spalora", "spalora-gradual"])
 def test_shipped_recipes_build_valid_configs(recipe):
     """Every YAML in configs/ resolves to a valid adapter and training configuration."""
     from pathlib import Path
@@ -77,6 +77,8 @@ def test_shipped_recipes_build_valid_configs(recipe):
     TrainConfig(**resolved["train"])
     if recipe == "spalora":
         assert adapter.method == "spalora" and adapter.budget == "r8"
+    if recipe == "spalora-gradual":
+        assert adapter.reach_budget == "cubic" and adapter.mask_strategy == "random"
     if recipe == "demo":  # the default run, shorter: same method, budget, model and task
         default = resolve_recipe(build_parser().parse_args(["train"]))
         assert (adapter.method, adapter.budget) == ("rosa", "r8")
