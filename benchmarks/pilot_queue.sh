@@ -11,6 +11,8 @@
 #   setsid nohup benchmarks/pilot_queue.sh revision &     # issue 25's candidate, selection seed 0
 #   setsid nohup benchmarks/pilot_queue.sh revision-ablation &  # its rank part off; split at 3e-3
 #   setsid nohup benchmarks/pilot_queue.sh revision-seeds &  # the candidate, selected + 5 seeds
+#   setsid nohup benchmarks/pilot_queue.sh verdict &      # the candidate: 3e-4 at seed 0, seeds 1-5
+#   setsid nohup benchmarks/pilot_queue.sh verdict-peer & # ShiRA seed 5, the candidate's ablations
 #
 # SPALORA_CACHE_ROOT moves the caches (default benchmarks/cache); logs: runs/queues/pilot-NAME.*
 set -uo pipefail
@@ -90,9 +92,20 @@ case $name in
       run v2 peft-shira 1 1e-2 "$seed"
       run v2 lora 1 1e-3 "$seed"
     done ;;
+  verdict)  # the candidate's reported seeds at 1e-3, its selection rate so far; the grid's
+    # downward extension (3e-4, the rule's next run) first, so the choice is known before the seeds
+    # are read; 1e-2 (the grid's last point, after 3e-3 was clearly worse) last
+    run v2 spalora-gradual 2 3e-4 0
+    for seed in 1 2 3 4 5; do run v2 spalora-gradual 2 1e-3 "$seed"; done
+    run v2 spalora-gradual 2 1e-2 0 ;;
+  verdict-peer)  # ShiRA's fifth reported seed (1-4 are the seed-noise pilot's), then the
+    # candidate's ablations at the selection seed
+    run v2 peft-shira 2 1e-2 5
+    run v2 spalora-gradual-sparse 2 1e-3 0
+    run v2 spalora-gradual-cut 2 1e-3 0 ;;
   revision)  # issue 25's candidate for revision 4 (spalora-gradual, S at 10x LoRA's rate) at
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer)" >&2; exit 2 ;;
 esac
