@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     v2.add_argument("--cache", help="run cache (default benchmarks/cache/accuracy-PROFILE)")
     v2.add_argument("--out", default="docs/results", help="accuracy-v2.md and paired.csv")
     v2.add_argument("--report-only", action="store_true", help="tables from the cache only")
+    v2.add_argument(
+        "--ours", help="the method every row is also paired with (default spalora; a candidate)"
+    )
     v2.add_argument("--no-progress", action="store_true")
     add_device(v2)
     return parser
@@ -79,6 +82,8 @@ def cmd_v2(args: argparse.Namespace, command: str) -> list:
     from .methods import METHODS
 
     methods = args.methods.split(",")
+    if args.ours is not None and args.ours not in methods:
+        raise SystemExit(f"error: --ours {args.ours} is not among --methods {args.methods}")
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"error: unknown methods {unknown}; available: {sorted(METHODS)}")
@@ -97,7 +102,7 @@ def cmd_v2(args: argparse.Namespace, command: str) -> list:
                 )  # fmt: skip
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from exc
-    return write_decision(conditions, Path(args.out), command)
+    return write_decision(conditions, Path(args.out), command, ours=args.ours or "spalora")
 
 
 def cmd_pilot(args: argparse.Namespace, command: str) -> list:

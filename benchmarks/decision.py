@@ -86,8 +86,11 @@ def gap(a: dict[int, dict], b: dict[int, dict], metric: str, nested: bool) -> Pa
     return paired_gap(matrix({s: values(a[s]) for s in shared}, {s: values(b[s]) for s in shared}))
 
 
-def decision_rows(collected: dict[str, dict], nested: bool) -> tuple[list[dict], str | None]:
-    """Rows of the table and the best peer (lowest mean test NLL among peers with 2+ seeds)."""
+def decision_rows(
+    collected: dict[str, dict], nested: bool, ours: str = OURS
+) -> tuple[list[dict], str | None]:
+    """Rows of the table and the best peer (lowest mean test NLL among peers with 2+ seeds);
+    `ours` is the method every row is also paired with (a candidate revision, say)."""
     done = {m: c["runs"] for m, c in collected.items() if len(c["runs"]) >= 2}
 
     def mean_nll(m: str) -> float:
@@ -105,7 +108,7 @@ def decision_rows(collected: dict[str, dict], nested: bool) -> tuple[list[dict],
             "nll": mean_nll(m),
             "acc": statistics.fmean(100 * r["test"] for r in done[m].values()),
         }
-        for ref_name, ref in (("best", best), ("ours", OURS if OURS in done else None)):
+        for ref_name, ref in (("best", best), ("ours", ours if ours in done else None)):
             for metric in ("nll", "accuracy"):
                 g = None if ref in (None, m) else gap(done[m], done[ref], metric, nested)
                 row[f"{ref_name}_{metric}"] = g
@@ -122,7 +125,9 @@ def fmt_gap(g: PairedGap | None, metric: str) -> str:
     return f"{scale * g.gap:+.{digits}f} ± {scale * g.se:.{digits}f} ({signs})"
 
 
-def write_decision(conditions: dict[tuple, dict[str, dict]], out: Path, command: str) -> list[Path]:
+def write_decision(
+    conditions: dict[tuple, dict[str, dict]], out: Path, command: str, ours: str = OURS
+) -> list[Path]:
     """docs/results/accuracy-v2.md (one decision table per condition) and paired.csv."""
     lines = [
         "# Accuracy at equal budget, protocol 2 (decision tables)",
@@ -138,11 +143,11 @@ def write_decision(conditions: dict[tuple, dict[str, dict]], out: Path, command:
     ]
     csv_rows = []
     for (task, r_eq, steps), collected in conditions.items():
-        rows, best = decision_rows(collected, nested=task in CROSS_FITTED)
+        rows, best = decision_rows(collected, nested=task in CROSS_FITTED, ours=ours)
         lines += [
             f"## {task}, r_eq = {r_eq}, {steps} steps",
             "",
-            f"Best peer: {best or '(none with 2 seeds yet)'}.",
+            f"Best peer: {best or '(none with 2 seeds yet)'}. Ours: {ours}.",
             "",
             "| method | setting | seeds | test NLL | acc | Δ NLL vs best peer | Δ acc vs best peer "
             "| Δ NLL vs ours | Δ acc vs ours |",

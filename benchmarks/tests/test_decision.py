@@ -39,6 +39,15 @@ def test_decision_table_and_paired_csv(tmp_path, tiny_profile):
     body = rows[1:]
     assert {r[3] for r in body} == {"nll", "accuracy"}
     assert all(r[8] == str(len(toy_task("toy").test)) or r[3] == "accuracy" for r in body)
+    assert len(body) == 2  # the other method vs the best peer; no `spalora`: no "vs ours" rows
+    # a candidate named as ours: every other row is paired with it too
+    md, paired = write_decision({("toy", 2, 3): collected}, tmp_path / "o2", "cmd", ours="lora")
+    assert "Ours: lora." in md.read_text()
+    rows2 = list(csv.reader(paired.open()))[1:]
+    assert len(rows2) == 4 and {(r[3], r[4], r[5]) for r in rows2} >= {
+        ("nll", "peft-lora", "lora"),
+        ("accuracy", "peft-lora", "lora"),
+    }
     # report-only from the same cache trains nothing and gives the same table
     again = collect(tiny_profile, "toy", 2, ["lora", "peft-lora"], tmp_path, run_missing=False,
                     **kwargs)  # fmt: skip
@@ -50,3 +59,11 @@ def test_a_task_without_a_protocol2_split_says_so_before_training(tmp_path):
         collect("v2", "gsm-symbolic", 2, ["lora"], tmp_path, 2, run_missing=True)
     with pytest.raises(ValueError, match="at most 8 seeds"):
         collect("v2", "arithmetic", 2, ["lora"], tmp_path, 9, run_missing=True)
+
+
+def test_v2_command_refuses_ours_outside_the_methods(tmp_path):
+    from benchmarks.__main__ import main
+
+    with pytest.raises(SystemExit, match="--ours spalora-gradual is not among --methods lora"):
+        main(["v2", "--methods", "lora", "--ours", "spalora-gradual", "--cache", str(tmp_path)])
+    assert not any(tmp_path.iterdir())  # nothing trained
