@@ -112,17 +112,16 @@ def _ours(**settings):
     def build(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
         from spalora import SpaloraConfig, get_spalora_model
 
-        c = 1.5
         cfg = SpaloraConfig(
             method="spalora",
             target_modules=list(LINEAR_NAMES),
             budget=f"r{r_eq}",
-            overprovision=c,
             lora_alpha=2.0 * r_eq,  # LoRA's at the budget: scale 2 r_eq / ceil(c r_eq)
             lora_dropout=0.0,
             mask_batches=variant.get("mask_batches", 8),
             seed=variant.get("seed", 0),
             **{
+                "overprovision": 1.5,  # c
                 "rank_fraction": 0.5,
                 "mask_strategy": "fisher",
                 "warmup_steps": variant.get("warmup_steps", 40),
@@ -287,6 +286,23 @@ METHODS: dict[str, Method] = {
             mask_strategy="random",
             warmup_steps=0,
             reach_budget="cut",
+            truncate_at=0.6,
+        ),
+        _ours_method(
+            "spalora-exchange",
+            "candidate at exactly the budget: random entries from step 0, the weakest swapped for "
+            "random new ones (RigL's cosine fraction from 0.3) between 10% and 60% of the run",
+            sparse_lr_ratio=10.0,
+            candidate=True,
+            lr_from="spalora-gradual",
+            rank_fraction=0.0,
+            start_rank="split",
+            overprovision=1.0,
+            mask_strategy="random",
+            warmup_steps=0,
+            reach_budget="exchange",
+            exchange_fraction=0.3,
+            prune_from=0.1,
             truncate_at=0.6,
         ),
         _ours_method(

@@ -13,6 +13,7 @@
 #   setsid nohup benchmarks/pilot_queue.sh revision-seeds &  # the candidate, selected + 5 seeds
 #   setsid nohup benchmarks/pilot_queue.sh verdict &      # the candidate: 3e-4 at seed 0, seeds 1-5
 #   setsid nohup benchmarks/pilot_queue.sh verdict-peer & # ShiRA seed 5, the candidate's ablations
+#   setsid nohup benchmarks/pilot_queue.sh verdict-peer2 & # the exchange candidate, ablations, peers
 #
 # SPALORA_CACHE_ROOT moves the caches (default benchmarks/cache); logs: runs/queues/pilot-NAME.*
 set -uo pipefail
@@ -103,9 +104,16 @@ case $name in
     run v2 peft-shira 2 1e-2 5
     run v2 spalora-gradual-sparse 2 1e-3 0
     run v2 spalora-gradual-cut 2 1e-3 0 ;;
+  verdict-peer2)  # the exchange candidate (at the budget throughout: the speed bar) at the
+    # selection seed, paired with sparse-random and the gradual candidate; then the ablations
+    # and the peer queue
+    run v2 spalora-exchange 2 1e-3 0
+    run v2 spalora-gradual-sparse 2 1e-3 0
+    run v2 spalora-gradual-cut 2 1e-3 0
+    "$0" peers ;;
   revision)  # issue 25's candidate for revision 4 (spalora-gradual, S at 10x LoRA's rate) at
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2)" >&2; exit 2 ;;
 esac

@@ -8,7 +8,12 @@ import torch
 from spalora import SpaloraConfig, SpaloraModel, get_spalora_model
 from spalora.layer import SpaloraLinear
 from spalora.methods import swap_parameters
-from spalora.methods.spalora.gradual import GradualController, prune_layer
+from spalora.methods.spalora.gradual import (
+    ExchangeController,
+    GradualController,
+    prune_layer,
+    random_free_positions,
+)
 from spalora.train import TrainConfig, train
 
 from .conftest import WORD_EXAMPLES, tiny_llama, word_tokenizer
@@ -140,12 +145,120 @@ def test_tiny_run_prunes_in_steps_and_ends_on_the_exact_budget(tmp_path, monkeyp
         torch.testing.assert_close(merged(input_ids=x).logits, y, rtol=1e-4, atol=1e-5)
 
 
+def test_free_positions_are_distinct_outside_the_support_and_uniform():
+    g = torch.Generator().manual_seed(0)
+    taken = torch.tensor([0, 1, 2, 5, 9])
+    assert sorted(random_free_positions(taken, 5, 10, g).tolist()) == [3, 4, 6, 7, 8]
+    counts = torch.zeros(10)
+    for _ in range(2000):
+        got = random_free_positions(taken, 2, 10, g)
+        assert got.unique().numel() == 2 and not torch.isin(got, taken).any()
+        counts[got] += 1
+    free = counts[[3, 4, 6, 7, 8]]
+    assert counts[taken].sum() == 0 and (free - 800).abs().max() < 100  # 4000 draws over 5
+    with pytest.raises(ValueError, match="only 5 positions are free"):
+        random_free_positions(taken, 6, 10, g)
+
+
+def test_exchange_keeps_the_strongest_entries_and_grows_fresh_ones_outside_the_support():
+    layer, opt = _adam_layer(r=2, nnz=30)
+    values, flat = layer.sparse_values.detach().clone(), layer.mask_flat_indices().clone()
+    moments = opt.state[layer.sparse_values]["exp_avg_sq"].clone()
+    g = torch.Generator().manual_seed(0)
+    swaps, keep = prune_layer(layer, 2, 20, grow=10, generator=g)
+    swap_parameters(opt, swaps, keep)
+    index = next(iter(keep.values()))
+    new_flat = layer.mask_flat_indices()
+    assert layer.nnz == 30 and torch.equal(new_flat, torch.sort(new_flat).values)
+    top = torch.sort(torch.topk(values.abs(), 20).indices).values
+    kept, grown = index >= 0, index < 0
+    assert int(grown.sum()) == 10 and torch.equal(index[kept], top)
+    assert torch.equal(new_flat[kept], flat[top]) and not torch.isin(new_flat[grown], flat).any()
+    assert torch.equal(layer.sparse_values.detach()[kept], values[top])
+    assert (layer.sparse_values.detach()[grown] == 0).all()
+    state = opt.state[layer.sparse_values]["exp_avg_sq"]
+    assert torch.equal(state[kept], moments[top]) and (state[grown] == 0).all()
+    opt.zero_grad()
+    layer(torch.randn(4, 9)).pow(2).sum().backward()
+    opt.step()  # trains on; the grown entries get gradients
+    assert (layer.sparse_values.detach()[grown] != 0).all()
+
+
+def exchange_config(**kw) -> SpaloraConfig:
+    base = dict(overprovision=1.0, start_rank="split", reach_budget="exchange")
+    return config(**{**base, **kw})
+
+
+def test_exchange_fraction_falls_on_a_cosine_and_only_between_its_bounds():
+    model = get_spalora_model(tiny_llama(), exchange_config(exchange_fraction=0.4))
+    ctl = ExchangeController(model, total_steps=100, start_step=0, progress=False)
+    P = model.budget_params
+    assert ctl.start_params == P == model.get_nb_trainable_parameters()[0]
+    assert ctl.fraction(9) == 0 and ctl.fraction(60) == 0 and ctl.fraction(10) == 0.4
+    assert ctl.fraction(35) == pytest.approx(0.2) and ctl.budget_at(35) == P - round(0.2 * P)
+    seq = [ctl.fraction(t) for t in range(10, 60)]
+    assert all(b <= a for a, b in zip(seq[:-1], seq[1:], strict=True))
+
+
+def test_tiny_exchange_run_never_exceeds_the_budget_and_moves_the_support(tmp_path, monkeypatch):
+    model = get_spalora_model(tiny_llama(), exchange_config(exchange_fraction=0.5))
+    budget = model.budget_params
+    supports = {n: lay.mask_flat_indices().clone() for n, lay in model.adapter_layers().items()}
+    sizes = []
+    real_step = ExchangeController.step
+
+    def spy(self, step, optimizer):
+        events = real_step(self, step, optimizer)
+        sizes.append(self.params())
+        held = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        assert held == self.params()
+        for name, grown in self.grown.items():  # fresh entries are not drained before training
+            exempt.append(bool(grown.any()) and bool((self._weights[name]["w"][grown] == 0).all()))
+        return events
+
+    exempt = []
+    monkeypatch.setattr(ExchangeController, "step", spy)
+    cfg = TrainConfig(steps=30, batch_size=8, lora_lr=3e-3, sparse_lr=3e-2, progress=False)
+    out = train(model, word_tokenizer(), WORD_EXAMPLES, cfg)
+    assert sizes and all(s == budget for s in sizes)  # at the budget at every step
+    assert exempt and all(exempt)
+    exchanges = [e for e in out["budget_log"] if "exchanged_at_step" in e]
+    units = [e["units"] for e in exchanges]
+    assert len(units) >= 3 and 0.45 * budget < units[0] <= 0.5 * budget
+    assert all(b < a for a, b in zip(units[:-1], units[1:], strict=True))  # the cosine falls
+    assert out["final_phase"] == "joint"
+    moved = [
+        not torch.equal(lay.mask_flat_indices(), supports[n])
+        for n, lay in model.adapter_layers().items()
+    ]
+    assert all(moved)
+    model.save_pretrained(tmp_path / "ad")
+    x = torch.randint(0, 96, (2, 10))
+    model.eval()
+    with torch.no_grad():
+        y = model(input_ids=x).logits
+        again = SpaloraModel.from_pretrained(tiny_llama(), tmp_path / "ad")
+        torch.testing.assert_close(again(input_ids=x).logits, y)
+        merged = again.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=x).logits, y, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("kw", "message"),
     [
         (dict(prune_from=1.0), "prune_from must be in"),
         (dict(prune_from=0.5, truncate_at=0.4), "must come after prune_from"),
         (dict(reach_budget="linear"), "reach_budget must be one of"),
+        (dict(reach_budget="exchange"), "set overprovision=1 and start_rank='split'"),
+        (
+            dict(
+                reach_budget="exchange",
+                overprovision=1.0,
+                start_rank="split",
+                exchange_fraction=0.0,
+            ),
+            "exchange_fraction must be in",
+        ),  # fmt: skip
     ],
 )
 def test_schedule_errors(kw, message):

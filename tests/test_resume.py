@@ -289,6 +289,20 @@ EVERY_PHASE = {  # short runs whose checkpoints fall in every phase of each meth
         truncate_at=13,
         irls_every=3,
     ),
+    "spalora-exchange": dict(  # checkpoints between exchanges carry the regrowth generator
+        method="spalora",
+        budget="r2",
+        warmup_steps=0,
+        mask_strategy="random",
+        rank_fraction=0.0,
+        overprovision=1.0,
+        start_rank="split",
+        reach_budget="exchange",
+        exchange_fraction=0.5,
+        prune_from=0.1,
+        truncate_at=13,
+        irls_every=3,
+    ),
 }
 
 

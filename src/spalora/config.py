@@ -26,7 +26,7 @@ METHODS = method_names()  # the built-ins (the CLI's choices); Python users may 
 MASK_STRATEGIES = ("fisher", "grad", "residual", "magnitude", "wanda", "random")
 ALLOCATIONS = ("global", "uniform")
 START_RANKS = ("budget", "split")
-REACH_BUDGET = ("cut", "cubic")
+REACH_BUDGET = ("cut", "cubic", "exchange")
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -166,11 +166,17 @@ class SpaloraConfig:
     # optimizer state of what stays (spalora.methods.spalora.gradual).
     reach_budget: str = option(
         "cut",
-        "spalora: cut to the budget at truncate_at (cut) or prune to it gradually (cubic)",
+        "spalora: cut to the budget at truncate_at (cut), prune to it gradually (cubic), or "
+        "train at it from the start and exchange units (exchange)",
         choices=REACH_BUDGET,
     )
     prune_from: float = option(
-        0.1, "spalora, cubic: fraction of the run where the budget starts to fall"
+        0.1, "spalora, cubic/exchange: fraction of the run where pruning (exchange) starts"
+    )
+    # "exchange": at the budget from step 0; the weakest units are swapped for random entries
+    # on RigL's cosine-decayed fraction between prune_from and truncate_at.
+    exchange_fraction: float = option(
+        0.3, "spalora, exchange: fraction of the budget exchanged at the first exchange"
     )
     # Filled by the solver / at save time; reloading uses them verbatim.
     rank_pattern: dict[str, int] = option({}, "per-layer rank (the solver's)", recipe=False)

@@ -115,9 +115,10 @@ def swap_parameters(
     optimizer: torch.optim.Optimizer, swaps: dict, keep: dict | None = None
 ) -> None:
     """Replace parameters in the optimizer's groups; None removes one. A replaced parameter's
-    state is dropped, unless `keep` maps it to the positions the new one keeps (a 1-d
-    subset): its per-entry state is then carried over at those positions. A controller that
-    resizes layers calls this before it returns RESIZED."""
+    state is dropped, unless `keep` maps it to the old positions the new one's entries continue
+    (a 1-d index, -1 for a new entry): its per-entry state is then carried over at those
+    positions, zero at the new ones. A controller that resizes layers calls this before it
+    returns RESIZED."""
     keep = keep or {}
     for group in optimizer.param_groups:
         params = []
@@ -129,12 +130,19 @@ def swap_parameters(
                     params.append(new)
                     if state and p in keep:
                         optimizer.state[new] = {
-                            k: v[keep[p]].clone() if _per_entry(v, p) else v
+                            k: _carry(v, keep[p]) if _per_entry(v, p) else v
                             for k, v in state.items()
                         }
             else:
                 params.append(p)
         group["params"] = params
+
+
+def _carry(value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """value[index] with zeros where index is -1."""
+    out = value[index.clamp_min(0)].clone()
+    out[index < 0] = 0
+    return out
 
 
 def _per_entry(value: Any, param: torch.Tensor) -> bool:

@@ -14,7 +14,7 @@ from typing import Any
 from ...budget import LayerAllocation, LayerShape, solve_budget
 from ..base import AFTER_CONTROLLER, AFTER_MASK, AFTER_STEPS, Method, Phase
 from .controller import BudgetController
-from .gradual import GradualController
+from .gradual import ExchangeController, GradualController
 
 
 def overprovisioned(
@@ -47,13 +47,24 @@ class Spalora(Method):
             raise ValueError("irls_every must be >= 1 and rewarm_steps >= 0")
         if float(config.truncate_at) <= 0:
             raise ValueError(f"truncate_at must be > 0, got {config.truncate_at}")
-        if config.reach_budget == "cubic" and not 0 <= float(config.prune_from) < 1:
+        scheduled = config.reach_budget in ("cubic", "exchange")
+        if scheduled and not 0 <= float(config.prune_from) < 1:
             raise ValueError(f"prune_from must be in [0, 1), got {config.prune_from}")
-        if config.reach_budget == "cubic" and float(config.truncate_at) <= config.prune_from:
+        if scheduled and float(config.truncate_at) <= config.prune_from:
             raise ValueError(
                 f"truncate_at ({config.truncate_at}) must come after prune_from "
-                f"({config.prune_from}): the budget falls between them"
+                f"({config.prune_from}): the budget falls (or units are exchanged) between them"
             )
+        if config.reach_budget == "exchange":
+            if config.overprovision != 1 or config.start_rank != "split":
+                raise ValueError(
+                    "reach_budget='exchange' trains at the budget from the start: set "
+                    "overprovision=1 and start_rank='split'"
+                )
+            if not 0 < float(config.exchange_fraction) < 1:
+                raise ValueError(
+                    f"exchange_fraction must be in (0, 1), got {config.exchange_fraction}"
+                )
         if config.restart_after_mask:
             raise ValueError("restart_after_mask is RoSA's recipe; method='spalora' has its own")
         if config.budget is None and not (config.rank_pattern or config.nnz_pattern):
@@ -79,6 +90,9 @@ class Spalora(Method):
         )
 
     def controller(self, model, total_steps, start_step, input_rms, progress) -> BudgetController:
-        if model.spalora_config.reach_budget == "cubic":
+        reach = model.spalora_config.reach_budget
+        if reach == "exchange":
+            return ExchangeController(model, total_steps, start_step, input_rms, progress)
+        if reach == "cubic":
             return GradualController(model, total_steps, start_step, input_rms, progress)
         return BudgetController(model, total_steps, start_step, input_rms, progress)

@@ -18,6 +18,7 @@ At t_f the adapters hold exactly P and training goes on at the budget.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -30,16 +31,36 @@ from .allocation import allocate_budget
 from .controller import BudgetController
 
 
+def random_free_positions(
+    taken: torch.Tensor, n: int, size: int, generator: torch.Generator
+) -> torch.Tensor:
+    """n distinct flat positions in [0, size), uniformly among those not in `taken` (sorted)."""
+    free = size - taken.numel()
+    if n > free:
+        raise ValueError(f"cannot grow {n} entries: only {free} positions are free")
+    ranks = torch.randperm(free, generator=generator)[:n]
+    # the j-th free position is j plus the number of taken positions t_i with t_i - i <= j
+    shifted = taken - torch.arange(taken.numel(), dtype=taken.dtype)
+    return ranks + torch.searchsorted(shifted, ranks, right=True)
+
+
 def prune_layer(
-    layer: SpaloraLinear, r: int, k: int, entry_score: torch.Tensor | None = None
+    layer: SpaloraLinear,
+    r: int,
+    k: int,
+    entry_score: torch.Tensor | None = None,
+    grow: int = 0,
+    generator: torch.Generator | None = None,
 ) -> tuple[dict, dict]:
-    """Shrink a layer to at most rank r and k entries, keeping what stays as it is.
+    """Shrink a layer to at most rank r and k entries, keeping what stays as it is, then add
+    `grow` entries at zero at random positions outside the old support.
 
     Returns (swaps, keep): old parameter -> new one (None when a part goes), and old sparse
-    values -> the sorted positions the new ones keep, so their optimizer state can follow.
+    values -> for each new entry, the old position it continues (-1: a grown entry, fresh
+    optimizer state), so that their optimizer state can follow.
     """
     r, k = min(r, layer.r), (min(k, layer.nnz) if layer.mask_ready else 0)
-    if r == layer.r and k == layer.nnz:
+    if r == layer.r and k == layer.nnz and grow == 0:
         return {}, {}
     old_A, old_B, old_S = layer.lora_A, layer.lora_B, layer.sparse_values
     scale = layer.scale if layer.r > 0 else 1.0
@@ -55,6 +76,18 @@ def prune_layer(
         keep = torch.sort(torch.topk(score, k, sorted=False).indices).values
         flat = layer.mask_flat_indices()[keep]
     values = old_S.detach()[keep] if keep is not None else None
+    if grow > 0:
+        if old_S is None or keep is None:
+            raise ValueError("entries grow only beside kept ones: the layer keeps no sparse part")
+        old_flat = layer.mask_flat_indices()
+        size = layer.out_features * layer.in_features
+        grown = random_free_positions(old_flat.cpu(), grow, size, generator).to(old_flat.device)
+        src = torch.cat([keep, torch.full_like(grown, -1)])
+        order = torch.argsort(torch.cat([flat, grown]))
+        flat, keep = torch.cat([flat, grown])[order], src[order]  # CSR order; -1: grown
+        values = old_S.detach().new_zeros(flat.numel())
+        values[keep >= 0] = old_S.detach()[keep[keep >= 0]]
+        k += grow
     alpha = scale * r if r > 0 else layer.lora_alpha
     layer.resize(r, k, alpha)
     adapter = layer.adapter()
@@ -85,9 +118,17 @@ class GradualController(BudgetController):
         self.prune_step = start_step + round(frac * total_steps) if total_steps else start_step
         self.prune_step = min(self.prune_step, self.truncate_step)
         self.start_params = self.params()
+        self.grown = {}
 
     def params(self) -> int:
         return sum(layer.num_adapter_parameters() for layer in self.layers.values())
+
+    generator = None  # the exchange's random regrowth; pruning alone grows nothing
+    grown: dict  # layer -> which of its entries the last prune grew (bool), for the exchange
+
+    def regrowth(self, allocation) -> dict[str, int]:
+        """Entries to grow per layer after pruning to `allocation`: none when only pruning."""
+        return {}
 
     def budget_at(self, step: int) -> int:
         """B(t): the start size until prune_step, P from truncate_step on, cubic between."""
@@ -113,14 +154,18 @@ class GradualController(BudgetController):
         """Remove the units outside the allocation of `budget`; True if any layer changed."""
         if budget >= self.params():
             return False
-        targets = allocate_budget(self._candidates(), budget).targets
+        allocation = allocate_budget(self._candidates(), budget)
+        grow = self.regrowth(allocation)
+        self.grown = {}
         swaps, keep = {}, {}
         for name, layer in self.layers.items():
-            r_l, k_l = targets[name]
+            r_l, k_l = allocation.targets[name]
             score = self._entry_score(name, layer) if layer.nnz and layer.mask_ready else None
-            s, k = prune_layer(layer, r_l, k_l, score)
+            s, k = prune_layer(layer, r_l, k_l, score, grow.get(name, 0), self.generator)
             swaps.update(s)
             keep.update(k)
+            if k:  # the layer's entries moved: which of them are new
+                self.grown[name] = next(iter(k.values())) < 0
         if not swaps:
             return False
         if optimizer is not None:
@@ -176,3 +221,90 @@ class GradualController(BudgetController):
         self.prune_step = int(state["prune_step"])
         self.start_params = int(state["start_params"])
         self._step = int(state["refresh_step"])
+
+
+class ExchangeController(GradualController):
+    """Our method at exactly the budget from step 0, its support learned by exchange.
+
+    Every `irls_every` steps between `prune_from` and `truncate_at`, the weakest units (rank
+    units or entries, by the global allocation's common value) worth a fraction zeta(t) of the
+    budget P are removed, as the cubic schedule removes them, and as many entries are grown at
+    random positions outside each layer's support, at zero with fresh optimizer state, in
+    proportion to the entries each layer kept (so the budget moves toward the layers whose entries
+    hold their value). zeta falls as RigL's does:
+
+        zeta(t) = zeta_0 (1 + cos(pi (t - t_i) / (t_f - t_i))) / 2,   t_i <= t < t_f.
+
+    Meanwhile the IRLS sparsity penalty drains the entries outside the next exchange's
+    allocation, so what is removed is already small; the entries just grown are exempt until the
+    exchange after. Trainable parameters never exceed P: a training step costs what a step at the
+    budget costs.
+    """
+
+    def __init__(self, model, total_steps, start_step, input_rms=None, progress=True) -> None:
+        super().__init__(model, total_steps, start_step, input_rms, progress)
+        if self.start_params != self.budget:
+            raise ValueError(
+                f"reach_budget='exchange' trains at the budget from the start, but the adapters "
+                f"hold {self.start_params:,} parameters for a budget of {self.budget:,}: set "
+                "overprovision=1 and start_rank='split'"
+            )
+        self.generator = torch.Generator().manual_seed(int(self.cfg.seed) + 1)
+
+    def fraction(self, step: int) -> float:
+        if not self.prune_step <= step < self.truncate_step:
+            return 0.0
+        t = (step - self.prune_step) / (self.truncate_step - self.prune_step)
+        return float(self.cfg.exchange_fraction) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    def budget_at(self, step: int) -> int:
+        """P less the units the exchange at `step` removes (and grows back as entries)."""
+        return self.budget - round(self.fraction(step) * self.budget)
+
+    def regrowth(self, allocation) -> dict[str, int]:
+        """What pruning freed, grown back as entries in proportion to the entries kept."""
+        free = self.budget - allocation.params
+        kept = {n: k for n, (_, k) in allocation.targets.items() if k > 0}
+        total = sum(kept.values())
+        if free <= 0 or total == 0:
+            return {}
+        share = {n: free * k / total for n, k in kept.items()}
+        grow = {n: math.floor(v) for n, v in share.items()}
+        # largest remainders first, so the total is exactly what was freed
+        for n in sorted(share, key=lambda n: grow[n] - share[n])[: free - sum(grow.values())]:
+            grow[n] += 1
+        return grow
+
+    def refresh(self) -> None:
+        """The boundary moves with every exchange: the smoothing restarts from the new values,
+        and the entries just grown are not drained before they have trained."""
+        self.delta = {n: math.inf for n in self.layers}
+        super().refresh()
+        for name, grown in self.grown.items():
+            w = self._weights.get(name, {}).get("w")
+            if w is not None and grown.numel() == w.numel():
+                w[grown] = 0.0
+
+    def prune(self, budget: int, optimizer: torch.optim.Optimizer | None) -> bool:
+        changed = super().prune(budget, optimizer)
+        if changed:
+            self.log.append({"exchanged_at_step": self._step_now, "units": self.budget - budget})
+        return changed
+
+    _step_now = 0
+
+    def step(self, step: int, optimizer: torch.optim.Optimizer | None) -> tuple[str, ...]:
+        self._step_now = step
+        return super().step(step, optimizer)
+
+    def finish(self, step: int) -> None:
+        self.grown.clear()
+        super().finish(step)
+
+    def state_dict(self) -> dict:
+        # `grown` is read only by the refresh right after the prune that set it: not state
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.generator.set_state(state["generator"])
