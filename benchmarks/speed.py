@@ -44,6 +44,7 @@ ROWS = (
     "spalora",
     "spalora-final",
     "spalora-gradual",
+    "spalora-exchange",
 )
 CSV_COLUMNS = (
     "row",
@@ -60,6 +61,7 @@ PAIRED = (  # (row, reference) ratios reported round by round: the issues' targe
     ("spalora", "rosa"),
     ("spalora-final", "rosa"),
     ("spalora-gradual", "peft-lora"),
+    ("spalora-exchange", "peft-lora"),
 )
 
 
@@ -80,6 +82,8 @@ def build_row(row: str, load_model) -> tuple[torch.nn.Module, torch.optim.Optimi
     truncation after 2 steps here: the total is the budget's, the split is not a trained one).
     `spalora-gradual` is issue 25's candidate before its budget falls (3 P: rank 1.5 r_eq and
     1.5 P random entries, penalty steps): its most expensive phase.
+    `spalora-exchange` is the second candidate: P random entries with penalty steps (its exchange,
+    every 10 steps in its window, is timed apart by `exchange_seconds`).
     """
     model, _ = load_model()
     model.train()
@@ -96,7 +100,7 @@ def build_row(row: str, load_model) -> tuple[torch.nn.Module, torch.optim.Optimi
     method = row.removesuffix("-final").removesuffix("-int8")
     wrapped = build_method(method, model, R_EQ, variant)
     schedule = None
-    if method in ("sparse", "rosa", "spalora", "spalora-gradual"):
+    if method in ("sparse", "rosa", "spalora", "spalora-gradual", "spalora-exchange"):
         from spalora.schedule import MaskSchedule
 
         # the measured step comes after the mask: choose it first (and for spalora-final,
@@ -111,7 +115,7 @@ def build_row(row: str, load_model) -> tuple[torch.nn.Module, torch.optim.Optimi
         if row == "spalora-final":
             step(wrapped, fixed_batch(vocab, seed=2), optimizer, schedule)
         wrapped.zero_grad(set_to_none=True)
-        expected = "compress" if row in ("spalora", "spalora-gradual") else "joint"
+        expected = "compress" if row.startswith("spalora") and row != "spalora-final" else "joint"
         assert schedule.phase == expected, (row, schedule.phase)
         if schedule.phase == "joint":
             schedule = None
@@ -176,6 +180,21 @@ def mask_generation(load_model) -> dict:
     done = time.perf_counter()
     assert schedule.phase == "joint"
     return {"mask_total_s": done - start, "mask_select_s": done - select}
+
+
+def exchange_seconds(load_model, repeats: int = 3) -> float:
+    """Median time of one exchange of spalora-exchange at its largest fraction (30% of the
+    budget removed and grown again), after one training step so that the entries differ."""
+    model, opt, schedule = build_row("spalora-exchange", load_model)
+    step(model, fixed_batch(model.config.vocab_size, seed=3), opt, schedule)
+    ctl = schedule.controller
+    budget = ctl.budget - round(float(ctl.cfg.exchange_fraction) * ctl.budget)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ctl.prune(budget, opt)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def base_weights_mb(model: torch.nn.Module) -> float:
@@ -260,6 +279,8 @@ def run_speed(
     times = time_rows(rows, load_model, repeats, progress=progress)
     memories = {row: memory_of(row, model_name) for row in rows} if memory else {}
     mask = memory_of("mask", model_name) if memory else mask_generation(load_model)
+    if "spalora-exchange" in rows:
+        mask["exchange_s"] = exchange_seconds(load_model)
     table = speed_table(rows, times, memories)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -309,7 +330,8 @@ def speed_lines(table: list[dict], times: dict, mask: dict, repeats: int, comman
         f"and Supra: half the budget on rank; spalora: our method's compress phase, rank 1.5 r_eq "
         f"and 1.5x the even split's nonzeros with IRLS penalty steps, and spalora-final: after "
         f"truncation to the budget; spalora-gradual: issue 25's candidate before its budget "
-        f"falls, rank 1.5 r_eq and 1.5 P random entries with penalty steps; rosa-int8: RoSA "
+        f"falls, rank 1.5 r_eq and 1.5 P random entries with penalty steps; spalora-exchange: the "
+        f"second candidate, P random entries with penalty steps; rosa-int8: RoSA "
         f"with the adapted projections of the frozen base stored as int8, weight-only). Rows "
         f"interleaved in one process, median of "
         f"{repeats} steps after 2 warm-up rounds; peak resident memory from a fresh process per "
@@ -346,6 +368,13 @@ def speed_lines(table: list[dict], times: dict, mask: dict, repeats: int, comman
         f"RSS {mask.get('peak_rss_mb', float('nan')):.0f} MB (fresh process).",
         "",
     ]
+    if "exchange_s" in mask:
+        lines += [
+            f"One exchange of spalora-exchange (30% of the budget removed and grown again, its "
+            f"largest): {mask['exchange_s']:.2f} s, once every 10 steps between 10% and 60% of "
+            "the run.",
+            "",
+        ]
     return lines
 
 

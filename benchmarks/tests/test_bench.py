@@ -180,8 +180,9 @@ def test_speed_benchmark_on_a_saved_tiny_model(tmp_path):
     assert [line.split(" | ")[0] for line in per_round] == ["| spalora", "| spalora-final"]
     per_round = [line for line in paths[0].read_text().splitlines() if " | peft-lora | " in line]
     assert [line.split(" | ")[0] for line in per_round] == [
-        "| lora", "| rosa", "| spalora-gradual",
+        "| lora", "| rosa", "| spalora-gradual", "| spalora-exchange",
     ]  # fmt: skip
+    assert "One exchange of spalora-exchange" in paths[0].read_text()
 
 
 def test_profile_script_runs_and_lists_the_extra_operators(tmp_path, monkeypatch):
