@@ -147,7 +147,7 @@ class GradualController(BudgetController):
         finally:
             self.budget = budget
 
-    _step = 0  # the step of the refresh being made
+    _step = 0  # the step of the prune and refresh being made
 
     @torch.no_grad()
     def prune(self, budget: int, optimizer: torch.optim.Optimizer | None) -> bool:
@@ -180,12 +180,12 @@ class GradualController(BudgetController):
         events: tuple[str, ...] = ()
         due = (step - self.start_step) % self.cfg.irls_every == 0 or step >= self.truncate_step
         if due or not self._weights:
+            self._step = step
             if self.prune(self.budget_at(step), optimizer):
                 events = (RESIZED,)
             if step >= self.truncate_step:
                 self.finish(step)
                 return events
-            self._step = step
             self.refresh()
         if optimizer is not None:
             self.apply_penalties(optimizer)
@@ -288,14 +288,8 @@ class ExchangeController(GradualController):
     def prune(self, budget: int, optimizer: torch.optim.Optimizer | None) -> bool:
         changed = super().prune(budget, optimizer)
         if changed:
-            self.log.append({"exchanged_at_step": self._step_now, "units": self.budget - budget})
+            self.log.append({"exchanged_at_step": self._step, "units": self.budget - budget})
         return changed
-
-    _step_now = 0
-
-    def step(self, step: int, optimizer: torch.optim.Optimizer | None) -> tuple[str, ...]:
-        self._step_now = step
-        return super().step(step, optimizer)
 
     def finish(self, step: int) -> None:
         self.grown.clear()
