@@ -111,9 +111,14 @@ case $name in
     run v2 spalora-gradual-sparse 2 1e-3 0
     run v2 spalora-gradual-cut 2 1e-3 0
     "$0" peers ;;
+  verdict-peer3)  # verdict-peer2 after its exchange run was stopped (its IRLS drain did nothing
+    # after an exchange; fixed): the exchange candidate again, then the cut ablation, then peers
+    run v2 spalora-exchange 2 1e-3 0
+    run v2 spalora-gradual-cut 2 1e-3 0
+    "$0" peers ;;
   revision)  # issue 25's candidate for revision 4 (spalora-gradual, S at 10x LoRA's rate) at
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3)" >&2; exit 2 ;;
 esac

@@ -8,9 +8,11 @@ import torch
 from spalora import SpaloraConfig, SpaloraModel, get_spalora_model
 from spalora.layer import SpaloraLinear
 from spalora.methods import swap_parameters
+from spalora.methods.spalora.controller import FLOOR
 from spalora.methods.spalora.gradual import (
     ExchangeController,
     GradualController,
+    proportional_split,
     prune_layer,
     random_free_positions,
 )
@@ -158,12 +160,35 @@ def test_free_positions_are_distinct_outside_the_support_and_uniform():
     assert counts[taken].sum() == 0 and (free - 800).abs().max() < 100  # 4000 draws over 5
     with pytest.raises(ValueError, match="only 5 positions are free"):
         random_free_positions(taken, 6, 10, g)
+    # a sparse support: rejection sampling, still distinct, outside, and uniform
+    taken = torch.sort(torch.randperm(200, generator=g)[:20]).values
+    counts = torch.zeros(200)
+    for _ in range(4000):
+        got = random_free_positions(taken, 5, 200, g)
+        assert got.unique().numel() == 5 and not torch.isin(got, taken).any()
+        counts[got] += 1
+    free = counts[~torch.isin(torch.arange(200), taken)]
+    assert counts[taken].sum() == 0 and (free - 20000 / 180).abs().max() < 50  # sd ~10.5
+
+
+def test_growth_is_split_in_proportion_exactly_and_within_each_layers_room():
+    assert proportional_split(10, {"a": 1, "b": 1, "c": 2}, {"a": 99, "b": 99, "c": 99}) in (
+        {"a": 3, "b": 2, "c": 5},
+        {"a": 2, "b": 3, "c": 5},
+    )
+    split = proportional_split(1001, {"a": 3, "b": 5, "c": 0}, {"a": 999, "b": 999, "c": 9})
+    assert sum(split.values()) == 1001 and "c" not in split and abs(split["a"] - 375) <= 1
+    # a full layer passes its share on
+    split = proportional_split(100, {"a": 1, "b": 1}, {"a": 10, "b": 1000})
+    assert split == {"a": 10, "b": 90}
+    assert proportional_split(50, {"a": 1}, {"a": 20}) == {"a": 20}  # no room left anywhere
 
 
 def test_exchange_keeps_the_strongest_entries_and_grows_fresh_ones_outside_the_support():
     layer, opt = _adam_layer(r=2, nnz=30)
     values, flat = layer.sparse_values.detach().clone(), layer.mask_flat_indices().clone()
     moments = opt.state[layer.sparse_values]["exp_avg_sq"].clone()
+    step_before = opt.state[layer.sparse_values]["step"].clone()
     g = torch.Generator().manual_seed(0)
     swaps, keep = prune_layer(layer, 2, 20, grow=10, generator=g)
     swap_parameters(opt, swaps, keep)
@@ -176,8 +201,13 @@ def test_exchange_keeps_the_strongest_entries_and_grows_fresh_ones_outside_the_s
     assert torch.equal(new_flat[kept], flat[top]) and not torch.isin(new_flat[grown], flat).any()
     assert torch.equal(layer.sparse_values.detach()[kept], values[top])
     assert (layer.sparse_values.detach()[grown] == 0).all()
-    state = opt.state[layer.sparse_values]["exp_avg_sq"]
-    assert torch.equal(state[kept], moments[top]) and (state[grown] == 0).all()
+    state = opt.state[layer.sparse_values]
+    assert torch.equal(state["exp_avg_sq"][kept], moments[top])
+    assert (state["exp_avg"][grown] == 0).all()  # no momentum of its own yet
+    # Adam's step count is the tensor's: a zero second moment would inflate the new entries'
+    # steps; they start at the kept entries' mean instead
+    torch.testing.assert_close(state["exp_avg_sq"][grown], moments[top].mean().expand(10))
+    assert torch.equal(state["step"], step_before)
     opt.zero_grad()
     layer(torch.randn(4, 9)).pow(2).sum().backward()
     opt.step()  # trains on; the grown entries get gradients
@@ -212,16 +242,24 @@ def test_tiny_exchange_run_never_exceeds_the_budget_and_moves_the_support(tmp_pa
         sizes.append(self.params())
         held = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         assert held == self.params()
-        for name, grown in self.grown.items():  # fresh entries are not drained before training
-            exempt.append(bool(grown.any()) and bool((self._weights[name]["w"][grown] == 0).all()))
+        for name, grown in self.grown.items():
+            if not grown.any() or self.fraction(step + self.cfg.irls_every) == 0:
+                continue
+            w = self._weights[name]["w"]
+            exempt.append(bool((w[grown] == 0).all()))  # fresh entries: not drained yet
+            # the weakest of the others are drained toward the next exchange
+            if self.targets[name][1] < self.layers[name].nnz:  # the layer has entries to lose
+                drained.append(self.delta[name] > FLOOR and bool((w[~grown] > 0.5).any()))
         return events
+
+    drained = []
 
     exempt = []
     monkeypatch.setattr(ExchangeController, "step", spy)
     cfg = TrainConfig(steps=30, batch_size=8, lora_lr=3e-3, sparse_lr=3e-2, progress=False)
     out = train(model, word_tokenizer(), WORD_EXAMPLES, cfg)
     assert sizes and all(s == budget for s in sizes)  # at the budget at every step
-    assert exempt and all(exempt)
+    assert exempt and all(exempt) and drained and all(drained)
     exchanges = [e for e in out["budget_log"] if "exchanged_at_step" in e]
     units = [e["units"] for e in exchanges]
     assert len(units) >= 3 and 0.45 * budget < units[0] <= 0.5 * budget

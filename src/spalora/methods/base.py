@@ -117,8 +117,11 @@ def swap_parameters(
     """Replace parameters in the optimizer's groups; None removes one. A replaced parameter's
     state is dropped, unless `keep` maps it to the old positions the new one's entries continue
     (a 1-d index, -1 for a new entry): its per-entry state is then carried over at those
-    positions, zero at the new ones. A controller that resizes layers calls this before it
-    returns RESIZED."""
+    positions. New entries start at zero, except Adam's second moments, which start at the mean
+    of the kept entries': Adam counts steps per tensor, not per entry, so a zero second moment
+    under an old step count would inflate a new entry's updates several-fold for hundreds of
+    steps (its bias correction is long done). A controller that resizes layers calls this
+    before it returns RESIZED."""
     keep = keep or {}
     for group in optimizer.param_groups:
         params = []
@@ -130,7 +133,7 @@ def swap_parameters(
                     params.append(new)
                     if state and p in keep:
                         optimizer.state[new] = {
-                            k: _carry(v, keep[p]) if _per_entry(v, p) else v
+                            k: _carry(v, keep[p], k in SECOND_MOMENTS) if _per_entry(v, p) else v
                             for k, v in state.items()
                         }
             else:
@@ -138,10 +141,16 @@ def swap_parameters(
         group["params"] = params
 
 
-def _carry(value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """value[index] with zeros where index is -1."""
+SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")  # torch's Adam / AdamW state names
+
+
+def _carry(value: torch.Tensor, index: torch.Tensor, mean_for_new: bool) -> torch.Tensor:
+    """value[index]; where index is -1, zero, or the kept entries' mean (`mean_for_new`)."""
     out = value[index.clamp_min(0)].clone()
-    out[index < 0] = 0
+    new = index < 0
+    if new.any():
+        kept = out[~new]
+        out[new] = kept.mean() if mean_for_new and kept.numel() else 0
     return out
 
 

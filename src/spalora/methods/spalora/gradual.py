@@ -28,20 +28,32 @@ from ...layer import SpaloraLinear
 from ...lowrank import factored_svd
 from ..base import RESIZED, swap_parameters
 from .allocation import allocate_budget
-from .controller import BudgetController
+from .controller import FLOOR, BudgetController
+from .penalties import kth_largest, sparse_weights
 
 
 def random_free_positions(
     taken: torch.Tensor, n: int, size: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """n distinct flat positions in [0, size), uniformly among those not in `taken` (sorted)."""
+    """n distinct flat positions in [0, size), uniformly among those not in `taken` (sorted).
+
+    Sparse supports (most positions free): uniform draws with the taken ones rejected, then a
+    uniform n-subset of the distinct survivors (uniform by symmetry); cost O(n), not O(size).
+    Dense ones: the exact rank-to-position map over a permutation of the free positions."""
     free = size - taken.numel()
     if n > free:
         raise ValueError(f"cannot grow {n} entries: only {free} positions are free")
-    ranks = torch.randperm(free, generator=generator)[:n]
-    # the j-th free position is j plus the number of taken positions t_i with t_i - i <= j
-    shifted = taken - torch.arange(taken.numel(), dtype=taken.dtype)
-    return ranks + torch.searchsorted(shifted, ranks, right=True)
+    if free < 4 * n:
+        ranks = torch.randperm(free, generator=generator)[:n]
+        # the j-th free position is j plus the number of taken positions t_i with t_i - i <= j
+        shifted = taken - torch.arange(taken.numel(), dtype=taken.dtype)
+        return ranks + torch.searchsorted(shifted, ranks, right=True)
+    got = torch.zeros(0, dtype=torch.int64)
+    while got.numel() < n:
+        draw = torch.randint(size, (2 * (n - got.numel()) + 16,), generator=generator)
+        got = torch.cat([got, draw]).unique()
+        got = got[~torch.isin(got, taken)]
+    return got[torch.randperm(got.numel(), generator=generator)[:n]]
 
 
 def prune_layer(
@@ -107,6 +119,29 @@ def prune_layer(
         if keep is not None:
             kept[old_S] = keep
     return swaps, kept
+
+
+def proportional_split(total: int, weights: dict[str, int], room: dict[str, int]) -> dict[str, int]:
+    """`total` split in proportion to `weights` (largest remainders, so the parts add up to it
+    exactly), no part above its `room`; what a full part cannot take goes to the others."""
+    out = dict.fromkeys(weights, 0)
+    left, open_ = total, {n for n, w in weights.items() if w > 0 and room[n] > 0}
+    while left > 0 and open_:
+        mass = sum(weights[n] for n in open_)
+        share = {n: left * weights[n] / mass for n in open_}
+        part = {n: min(math.floor(v), room[n] - out[n]) for n, v in share.items()}
+        short = left - sum(part.values())
+        for n in sorted(open_, key=lambda n: (part[n] - share[n], n)):
+            if short == 0:
+                break
+            if part[n] < room[n] - out[n]:
+                part[n] += 1
+                short -= 1
+        for n, v in part.items():
+            out[n] += v
+        left -= sum(part.values())
+        open_ = {n for n in open_ if out[n] < room[n]}
+    return {n: v for n, v in out.items() if v > 0}
 
 
 class GradualController(BudgetController):
@@ -265,27 +300,42 @@ class ExchangeController(GradualController):
         """What pruning freed, grown back as entries in proportion to the entries kept."""
         free = self.budget - allocation.params
         kept = {n: k for n, (_, k) in allocation.targets.items() if k > 0}
-        total = sum(kept.values())
-        if free <= 0 or total == 0:
-            return {}
-        share = {n: free * k / total for n, k in kept.items()}
-        grow = {n: math.floor(v) for n, v in share.items()}
-        # largest remainders first, so the total is exactly what was freed
-        for n in sorted(share, key=lambda n: grow[n] - share[n])[: free - sum(grow.values())]:
-            grow[n] += 1
-        return grow
+        room = {n: self.layers[n].out_features * self.layers[n].in_features for n in kept}
+        # a layer grows only outside its old support: at most size - old nnz
+        room = {n: room[n] - self.layers[n].nnz for n in kept}
+        return proportional_split(free, kept, room)
+
+    def _entry_score(self, name, layer) -> torch.Tensor:
+        score = super()._entry_score(name, layer)
+        grown = self.grown.get(name) if self._protect else None
+        if grown is not None and grown.numel() == score.numel():
+            score = score.masked_fill(grown.to(score.device), math.inf)
+        return score
+
+    _protect = False  # during a refresh: the entries just grown are kept by the allocation
 
     def refresh(self) -> None:
-        """The boundary moves with every exchange: the smoothing restarts from the new values,
-        and the entries just grown are not drained before they have trained."""
+        """The drain of the next exchange, among the entries that have trained: those just grown
+        (still zero) are kept by the allocation and not drained, and the smoothing delta is the
+        boundary among the others (it restarts at every refresh: the boundary moves)."""
         self.delta = {n: math.inf for n in self.layers}
-        super().refresh()
+        self._protect = True
+        try:
+            super().refresh()
+        finally:
+            self._protect = False
         for name, grown in self.grown.items():
-            w = self._weights.get(name, {}).get("w")
-            if w is not None and grown.numel() == w.numel():
-                w[grown] = 0.0
+            weights, layer = self._weights.get(name, {}), self.layers[name]
+            if "w" not in weights or grown.numel() != layer.nnz:
+                continue
+            older = layer.sparse_values.detach().abs()[~grown]
+            keep = self.targets[name][1] - int(grown.sum())
+            self.delta[name] = max(FLOOR, kth_largest(older, keep + 1))
+            w = sparse_weights(layer.sparse_values, self.delta[name])
+            weights["w"] = w.masked_fill(grown.to(w.device), 0.0)
 
     def prune(self, budget: int, optimizer: torch.optim.Optimizer | None) -> bool:
+        self.grown = {}  # an exchange that changes nothing grows nothing
         changed = super().prune(budget, optimizer)
         if changed:
             self.log.append({"exchanged_at_step": self._step, "units": self.budget - budget})
