@@ -154,6 +154,24 @@ def _ours_method(
     )
 
 
+def _candidate(name: str, description: str, lr_from: str | None = None, **settings) -> Method:
+    """Issue 25's candidates and their ablations: S at 10x LoRA's rate on a random support from
+    step 0 (no warm-up), the budget reached between 10% and 60% of the run; `settings` change
+    one part each."""
+    base = dict(
+        rank_fraction=0.0,
+        mask_strategy="random",
+        warmup_steps=0,
+        reach_budget="cubic",
+        prune_from=0.1,
+        truncate_at=0.6,
+    )
+    return _ours_method(
+        name, description, sparse_lr_ratio=10.0, candidate=True, lr_from=lr_from,
+        **{**base, **settings},
+    )  # fmt: skip
+
+
 def _full(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
@@ -250,60 +268,31 @@ METHODS: dict[str, Method] = {
         # Issue 25's candidate for revision 4 (docs/method.md): both parts from step 0, S on a
         # random support as large as all of P buys at 10x LoRA's rate, the budget reached on a
         # cubic schedule between 10% and 60% of the run, pruning keeps Adam's moments.
-        _ours_method(
+        _candidate(
             "spalora-gradual",
             "candidate: both parts from step 0, S at 10x, budget reached by cubic pruning",
-            sparse_lr_ratio=10.0,
-            candidate=True,
-            rank_fraction=0.0,
-            mask_strategy="random",
-            warmup_steps=0,
-            reach_budget="cubic",
-            prune_from=0.1,
-            truncate_at=0.6,
         ),
-        _ours_method(
+        _candidate(
             "spalora-gradual-sparse",
             "candidate's ablation: no rank part (1.5 P random entries pruned to P)",
-            sparse_lr_ratio=10.0,
-            candidate=True,
             lr_from="spalora-gradual",
-            rank_fraction=0.0,
             start_rank="split",
-            mask_strategy="random",
-            warmup_steps=0,
-            reach_budget="cubic",
-            prune_from=0.1,
-            truncate_at=0.6,
         ),
-        _ours_method(
+        _candidate(
             "spalora-gradual-cut",
             "candidate's ablation: the same start, cut to the budget at once at 60% (no schedule)",
-            sparse_lr_ratio=10.0,
-            candidate=True,
             lr_from="spalora-gradual",
-            rank_fraction=0.0,
-            mask_strategy="random",
-            warmup_steps=0,
             reach_budget="cut",
-            truncate_at=0.6,
         ),
-        _ours_method(
+        _candidate(
             "spalora-exchange",
             "candidate at exactly the budget: random entries from step 0, the weakest swapped for "
             "random new ones (RigL's cosine fraction from 0.3) between 10% and 60% of the run",
-            sparse_lr_ratio=10.0,
-            candidate=True,
             lr_from="spalora-gradual",
-            rank_fraction=0.0,
             start_rank="split",
             overprovision=1.0,
-            mask_strategy="random",
-            warmup_steps=0,
             reach_budget="exchange",
             exchange_fraction=0.3,
-            prune_from=0.1,
-            truncate_at=0.6,
         ),
         _ours_method(
             "spalora-rank-reg",
