@@ -187,11 +187,11 @@ class GradualController(BudgetController):
     @torch.no_grad()
     def prune(self, budget: int, optimizer: torch.optim.Optimizer | None) -> bool:
         """Remove the units outside the allocation of `budget`; True if any layer changed."""
+        self.grown = {}  # a prune that changes nothing grows nothing
         if budget >= self.params():
             return False
         allocation = allocate_budget(self._candidates(), budget)
         grow = self.regrowth(allocation)
-        self.grown = {}
         swaps, keep = {}, {}
         for name, layer in self.layers.items():
             r_l, k_l = allocation.targets[name]
@@ -199,7 +199,7 @@ class GradualController(BudgetController):
             s, k = prune_layer(layer, r_l, k_l, score, grow.get(name, 0), self.generator)
             swaps.update(s)
             keep.update(k)
-            if k:  # the layer's entries moved: which of them are new
+            if grow.get(name):  # which of the layer's entries are new
                 self.grown[name] = next(iter(k.values())) < 0
         if not swaps:
             return False
@@ -300,9 +300,11 @@ class ExchangeController(GradualController):
         """What pruning freed, grown back as entries in proportion to the entries kept."""
         free = self.budget - allocation.params
         kept = {n: k for n, (_, k) in allocation.targets.items() if k > 0}
-        room = {n: self.layers[n].out_features * self.layers[n].in_features for n in kept}
-        # a layer grows only outside its old support: at most size - old nnz
-        room = {n: room[n] - self.layers[n].nnz for n in kept}
+        # a layer grows only outside its old support: at most its size less its old entries
+        room = {
+            n: self.layers[n].out_features * self.layers[n].in_features - self.layers[n].nnz
+            for n in kept
+        }
         return proportional_split(free, kept, room)
 
     def _entry_score(self, name, layer) -> torch.Tensor:
@@ -335,15 +337,10 @@ class ExchangeController(GradualController):
             weights["w"] = w.masked_fill(grown.to(w.device), 0.0)
 
     def prune(self, budget: int, optimizer: torch.optim.Optimizer | None) -> bool:
-        self.grown = {}  # an exchange that changes nothing grows nothing
         changed = super().prune(budget, optimizer)
         if changed:
             self.log.append({"exchanged_at_step": self._step, "units": self.budget - budget})
         return changed
-
-    def finish(self, step: int) -> None:
-        self.grown.clear()
-        super().finish(step)
 
     def state_dict(self) -> dict:
         # `grown` is read only by the refresh right after the prune that set it: not state
