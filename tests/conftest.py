@@ -26,6 +26,22 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
+def assert_saves_reloads_and_merges(model, folder) -> None:
+    """A trained adapter on tiny_llama: saved to `folder`, reloaded onto a fresh tiny_llama and
+    merged, it computes the same logits."""
+    from spalora import SpaloraModel
+
+    model.save_pretrained(folder)
+    x = torch.randint(0, 96, (2, 10))
+    model.eval()
+    with torch.no_grad():
+        y = model(input_ids=x).logits
+        again = SpaloraModel.from_pretrained(tiny_llama(), folder)
+        torch.testing.assert_close(again(input_ids=x).logits, y)
+        merged = again.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=x).logits, y, rtol=1e-4, atol=1e-5)
+
+
 def wide_llama():
     """tiny_llama's shape but 48 wide: a model an adapter saved from tiny_llama does not fit."""
     from transformers import LlamaConfig, LlamaForCausalLM

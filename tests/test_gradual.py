@@ -5,7 +5,7 @@ and saves, reloads and merges like every other adapter."""
 import pytest
 import torch
 
-from spalora import SpaloraConfig, SpaloraModel, get_spalora_model
+from spalora import SpaloraConfig, get_spalora_model
 from spalora.layer import SpaloraLinear
 from spalora.methods import swap_parameters
 from spalora.methods.spalora.controller import FLOOR
@@ -18,7 +18,7 @@ from spalora.methods.spalora.gradual import (
 )
 from spalora.train import TrainConfig, train
 
-from .conftest import WORD_EXAMPLES, tiny_llama, word_tokenizer
+from .conftest import WORD_EXAMPLES, assert_saves_reloads_and_merges, tiny_llama, word_tokenizer
 
 
 def config(**kw) -> SpaloraConfig:
@@ -136,15 +136,7 @@ def test_tiny_run_prunes_in_steps_and_ends_on_the_exact_budget(tmp_path, monkeyp
     layers = model.adapter_layers()
     assert model.get_nb_trainable_parameters()[0] == budget
     assert sum(lay.num_adapter_parameters() for lay in layers.values()) == budget
-    model.save_pretrained(tmp_path / "ad")
-    x = torch.randint(0, 96, (2, 10))
-    model.eval()
-    with torch.no_grad():
-        y = model(input_ids=x).logits
-        again = SpaloraModel.from_pretrained(tiny_llama(), tmp_path / "ad")
-        torch.testing.assert_close(again(input_ids=x).logits, y)
-        merged = again.merge_and_unload()
-        torch.testing.assert_close(merged(input_ids=x).logits, y, rtol=1e-4, atol=1e-5)
+    assert_saves_reloads_and_merges(model, tmp_path / "ad")
 
 
 def test_free_positions_are_distinct_outside_the_support_and_uniform():
@@ -270,15 +262,7 @@ def test_tiny_exchange_run_never_exceeds_the_budget_and_moves_the_support(tmp_pa
         for n, lay in model.adapter_layers().items()
     ]
     assert all(moved)
-    model.save_pretrained(tmp_path / "ad")
-    x = torch.randint(0, 96, (2, 10))
-    model.eval()
-    with torch.no_grad():
-        y = model(input_ids=x).logits
-        again = SpaloraModel.from_pretrained(tiny_llama(), tmp_path / "ad")
-        torch.testing.assert_close(again(input_ids=x).logits, y)
-        merged = again.merge_and_unload()
-        torch.testing.assert_close(merged(input_ids=x).logits, y, rtol=1e-4, atol=1e-5)
+    assert_saves_reloads_and_merges(model, tmp_path / "ad")
 
 
 @pytest.mark.parametrize(

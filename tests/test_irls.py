@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from spalora import SpaloraConfig, SpaloraModel, get_spalora_model
+from spalora import SpaloraConfig, get_spalora_model
 from spalora.layer import SpaloraLinear
 from spalora.lowrank import factored_svd
 from spalora.masks import MaskCollector, apply_masks
@@ -23,7 +23,7 @@ from spalora.methods.spalora.penalties import (
 )
 from spalora.train import TrainConfig, train
 
-from .conftest import WORD_EXAMPLES, tiny_llama, word_tokenizer
+from .conftest import WORD_EXAMPLES, assert_saves_reloads_and_merges, tiny_llama, word_tokenizer
 
 SMOLLM2_SHAPES = {  # (out, in) of SmolLM2-135M's seven adapted linears, 30 blocks
     "q_proj": (576, 576),
@@ -294,17 +294,9 @@ def test_tiny_run_end_to_end_has_heterogeneous_layers_on_the_exact_budget(tmp_pa
     }
     assert len({lay.r for lay in layers.values()}) > 1 and len(densities) > 1
     # saved, reloaded, merged: the same function
-    model.save_pretrained(tmp_path / "ad")
+    assert_saves_reloads_and_merges(model, tmp_path / "ad")
     saved = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert sum(saved["rank_pattern"].values()) == sum(lay.r for lay in layers.values())
-    x = torch.randint(0, 96, (2, 10))
-    model.eval()
-    with torch.no_grad():
-        y = model(input_ids=x).logits
-        again = SpaloraModel.from_pretrained(tiny_llama(), tmp_path / "ad")
-        torch.testing.assert_close(again(input_ids=x).logits, y)
-        merged = again.merge_and_unload()
-        torch.testing.assert_close(merged(input_ids=x).logits, y, rtol=1e-4, atol=1e-5)
 
 
 def test_uniform_allocation_truncates_to_rosas_split():
