@@ -71,10 +71,14 @@ def trainable_params(model: nn.Module) -> int:
 
 
 def _spalora(
-    method: str, fraction: float | None = None, mask: str = "fisher", warmup: int | None = None
+    method: str,
+    fraction: float | None = None,
+    mask: str = "fisher",
+    warmup: int | None = None,
+    nnz_allocation: str = "density",
 ):
     """Our lora / sparse / rosa; `warmup` fixes the low-rank warm-up (a random support needs
-    none), else the profile's."""
+    none), else the profile's; `nnz_allocation` spreads the nonzeros (budget.allocate_nnz)."""
 
     def build(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
         from spalora import SpaloraConfig, get_spalora_model
@@ -89,6 +93,7 @@ def _spalora(
             lora_alpha=2.0 * r,
             lora_dropout=0.0,
             mask_strategy=mask,
+            nnz_allocation=nnz_allocation,
             warmup_steps=variant.get("warmup_steps", 40) if warmup is None else warmup,
             mask_batches=variant.get("mask_batches", 8),
             seed=variant.get("seed", 0),
@@ -235,6 +240,15 @@ METHODS: dict[str, Method] = {
             description="control: our sparse-only, uniform random mask (ShiRA's support)",
             compare_with=("peft-shira", "sparse"),
         ),
+        # Issue 25: PEFT ShiRA spreads its entries as r (m + n) per layer, we at one density;
+        # at seed 0 ShiRA led sparse-random by 0.016 nats. Is the spread why?
+        Method(
+            "sparse-random-lora",
+            _spalora("sparse", mask="random", nnz_allocation="lora"),
+            revision=1,
+            description="control: sparse-random with ShiRA's spread, r (m + n) entries per layer",
+            compare_with=("peft-shira", "sparse-random"),
+        ),
         # Issue 25's oracle pilot: does a fixed mixed split beat all-sparse when both parts train
         # from step 0, S on a random support at its own (10x) rate?
         Method(
@@ -283,6 +297,12 @@ METHODS: dict[str, Method] = {
             "candidate's ablation: the same start, cut to the budget at once at 60% (no schedule)",
             lr_from="spalora-gradual",
             reach_budget="cut",
+        ),
+        _candidate(
+            "spalora-gradual-lora",
+            "candidate with ShiRA's spread: its nonzeros start (and stay) in proportion to m + n",
+            lr_from="spalora-gradual",
+            nnz_allocation="lora",
         ),
         _candidate(
             "spalora-exchange",

@@ -42,11 +42,20 @@ def arm(spec: dict) -> str:
     return f"{name} lr={spec['lr']:g}"
 
 
-def by_arm(records: list[dict]) -> dict[tuple, dict[int, dict]]:
-    """{(condition, arm): {seed: result}}."""
+SELECTION_SEEDS = (0, 100)  # a profile that does not name its selection seeds used these
+
+
+def is_selection(spec: dict) -> bool:
+    return spec["seed"] in spec["profile"].get("selection_seeds", SELECTION_SEEDS)
+
+
+def by_arm(records: list[dict], selection: bool = False) -> dict[tuple, dict[int, dict]]:
+    """{(condition, arm): {seed: result}} over the reported seeds, or (selection=True) over the
+    selection seeds: a seed that chose a setting never enters a reported mean or gap."""
     out: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for rec in records:
-        out[(condition(rec["spec"]), arm(rec["spec"]))][rec["spec"]["seed"]] = rec["result"]
+        if is_selection(rec["spec"]) == selection:
+            out[(condition(rec["spec"]), arm(rec["spec"]))][rec["spec"]["seed"]] = rec["result"]
     return out
 
 
@@ -114,7 +123,8 @@ def write_pilot_report(cache_dirs: list[Path], out: Path, command: str) -> list[
     lines += runs_table(arms)
     rows = gap_rows(arms, target)
     lines += gaps_table(rows, target)
-    lines += selection_table(arms, max((r["nll"].var_seed ** 0.5 for r in rows), default=0.0))
+    sd_seed = max((r["nll"].var_seed ** 0.5 for r in rows), default=0.0)
+    lines += selection_table(by_arm(records, selection=True), sd_seed)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "pilot.md"
     path.write_text("\n".join(lines) + "\n")
@@ -124,6 +134,8 @@ def write_pilot_report(cache_dirs: list[Path], out: Path, command: str) -> list[
 def runs_table(arms: dict[tuple, dict[int, dict]]) -> list[str]:
     lines = [
         "## Runs",
+        "",
+        "Reported seeds only: the selection seeds' runs are in the last table.",
         "",
         "| task | steps | r_eq | arm | seeds | test NLL (mean ± sd over seeds) | test acc | "
         "train s | eval s |",

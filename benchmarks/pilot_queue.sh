@@ -14,6 +14,7 @@
 #   setsid nohup benchmarks/pilot_queue.sh verdict &      # the candidate: 3e-4 at seed 0, seeds 1-5
 #   setsid nohup benchmarks/pilot_queue.sh verdict-peer & # ShiRA seed 5, the candidate's ablations
 #   setsid nohup benchmarks/pilot_queue.sh verdict-peer2 & # the exchange candidate, ablations, peers
+#   setsid nohup benchmarks/pilot_queue.sh allocation &   # ShiRA's spread in ours, then admission-r1
 #
 # SPALORA_CACHE_ROOT moves the caches (default benchmarks/cache); logs: runs/queues/pilot-NAME.*
 set -uo pipefail
@@ -116,9 +117,14 @@ case $name in
     run v2 spalora-exchange 2 1e-3 0
     run v2 spalora-gradual-cut 2 1e-3 0
     "$0" peers ;;
+  allocation)  # issue 25: PEFT ShiRA's spread (r (m + n) entries per layer) in our sparse-random
+    # and in the first candidate, at the selection seed; then the second condition's admission
+    run v2 sparse-random-lora 2 1e-2 0
+    run v2 spalora-gradual-lora 2 1e-3 0
+    "$0" admission-r1 ;;
   revision)  # issue 25's candidate for revision 4 (spalora-gradual, S at 10x LoRA's rate) at
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation)" >&2; exit 2 ;;
 esac

@@ -77,3 +77,62 @@ def test_allocate_nnz_sums_exactly():
     assert sum(counts) == 12_345
     with pytest.raises(ValueError):
         allocate_nnz(SHAPES[:1], 576 * 576 + 1)
+
+
+def test_lora_shaped_nonzeros_match_peft_shira_layer_for_layer():
+    """nnz_allocation="lora" at budget r2, all-sparse: each layer gets r (m + n) entries,
+    exactly what PEFT's ShiraConfig(r=2) trains there; "density" gives every layer one density."""
+    p = parse_budget("r2", SHAPES, MODEL_PARAMS)
+    shaped = solve_budget(SHAPES, p, 0.0, nnz_allocation="lora")
+    assert [a.nnz for a in shaped] == [2 * s.rank_unit for s in SHAPES]
+    even = solve_budget(SHAPES, p, 0.0)
+    assert sum(a.nnz for a in even) == sum(a.nnz for a in shaped) == p
+    densities = [a.density for a in even]
+    assert max(densities) - min(densities) < 2 / (192 * 576)
+    # the shapes differ where it matters: k_proj gets 2.4x RoSA's even share under ShiRA's
+    k = [i for i, s in enumerate(SHAPES) if s.name.endswith("k_proj")]
+    assert shaped[k[0]].nnz / even[k[0]].nnz == pytest.approx(2.4, rel=0.01)
+
+
+def test_lora_shaped_nonzeros_fill_small_layers_and_give_the_rest_to_the_others():
+    shapes = [LayerShape("tiny", 4, 4), LayerShape("big", 100, 100)]
+    # m + n weights give "tiny" 8/208 of 1,000 = 38 entries; it holds 16
+    counts = allocate_nnz(shapes, 1_000, by="lora")
+    assert counts == [16, 984]
+    assert allocate_nnz(shapes, 10_016, by="lora") == [16, 10_000]
+    with pytest.raises(ValueError, match="nnz_allocation must be one of"):
+        allocate_nnz(shapes, 10, by="shira")
+
+
+def test_config_refuses_an_unknown_nnz_allocation():
+    from spalora import SpaloraConfig
+
+    with pytest.raises(ValueError, match=r"nnz_allocation must be one of \('density', 'lora'\)"):
+        SpaloraConfig(method="sparse", budget="r2", nnz_allocation="rows")
+
+
+def test_lora_shaped_model_trains_what_peft_shira_trains_in_every_layer(tmp_path):
+    """On a real (tiny) model: our sparse adapter with nnz_allocation="lora" has PEFT ShiRA's
+    count in every layer, and the saved adapter reloads with exactly those counts."""
+    from peft import ShiraConfig, get_peft_model
+
+    from spalora import SpaloraConfig, SpaloraModel, get_spalora_model
+
+    from .conftest import tiny_llama
+
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft = get_peft_model(tiny_llama(), ShiraConfig(r=2, target_modules=names))
+    want = {
+        n.removeprefix("base_model.model.").removesuffix(".shira_weight.default"): p.numel()
+        for n, p in peft.named_parameters()
+        if "shira_weight" in n
+    }
+    cfg = SpaloraConfig(
+        method="sparse", target_modules=names, budget="r2", nnz_allocation="lora",
+        mask_strategy="random",
+    )  # fmt: skip
+    ours = get_spalora_model(tiny_llama(), cfg)
+    assert ours.spalora_config.nnz_pattern == want
+    ours.save_pretrained(tmp_path)
+    again = SpaloraModel.from_pretrained(tiny_llama(), tmp_path)
+    assert again.spalora_config.nnz_pattern == want

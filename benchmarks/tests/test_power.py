@@ -85,9 +85,13 @@ def test_pilot_report_pairs_arms_and_puts_fft_first(tmp_path):
             correct = [int(x + shift < 1.4) for x in base]
             rec = fake_record(method, r_eq, seed, nll, correct)
             (cache / f"{method}-{seed}.json").write_text(json.dumps(rec))
+    # the selection seed's runs (a lucky fft) must not move a reported mean or gap
+    rec = fake_record("fft", 0, 0, [0.0] * 50, [1] * 50)
+    (cache / "fft-0.json").write_text(json.dumps(rec))
     (path,) = write_pilot_report([cache], tmp_path / "out", "cmd")
     text = path.read_text()
     assert "| arithmetic 150 steps r_eq 2 | fft lr=0.001 | lora lr=0.001 | 3 | -0.2000" in text
+    assert "| arithmetic | 150 | 0 | fft lr=0.001 | 1,2,3 |" in text
     assert (
         "| peft-shira lr=0.001 | lora lr=0.001 |" in text or "| lora lr=0.001 | peft-shira" in text
     )

@@ -2,7 +2,8 @@
 
 Rank is uniform across layers (RoSA's choice): r = floor(rank_fraction * P / sum(m + n)). What the
 rank part leaves is spent on nonzeros in proportion to each layer's size (the same density
-everywhere, to within one entry), with largest-remainder rounding so the total lands on the
+everywhere, to within one entry; or, with nnz_allocation="lora", in proportion to m + n as PEFT
+ShiRA sizes its layers), with largest-remainder rounding so the total lands on the
 budget exactly whenever the sparse part is on, and never above it.
 """
 
@@ -86,24 +87,52 @@ def parse_budget(budget: int | float | str, shapes: list[LayerShape], model_para
     return value
 
 
-def allocate_nnz(shapes: list[LayerShape], total: int) -> list[int]:
-    """Split `total` nonzeros across layers in proportion to their size, summing to `total`."""
+NNZ_ALLOCATIONS = ("density", "lora")
+
+
+def allocate_nnz(shapes: list[LayerShape], total: int, by: str = "density") -> list[int]:
+    """Split `total` nonzeros across layers, summing to `total`: in proportion to each layer's
+    size (by="density": the same density everywhere, RoSA's) or to what one LoRA rank costs
+    there, m + n (by="lora": PEFT ShiRA's r (m + n) per layer). A layer's share above its size
+    goes to the others (water-filling), so every count fits its layer."""
+    if by not in NNZ_ALLOCATIONS:
+        raise ValueError(f"nnz_allocation must be one of {NNZ_ALLOCATIONS}, got {by!r}")
     capacity = sum(s.numel for s in shapes)
     if total > capacity:
         raise ValueError(f"{total} nonzeros exceed the {capacity} entries of the targeted layers")
-    exact = [total * s.numel / capacity for s in shapes]
-    counts = [int(e) for e in exact]
-    leftover = total - sum(counts)
-    order = sorted(range(len(shapes)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in order[:leftover]:
-        counts[i] += 1
+    weight = [s.numel if by == "density" else s.rank_unit for s in shapes]
+    counts = [0] * len(shapes)
+    open_, left = set(range(len(shapes))), total
+    while left > 0:
+        norm = sum(weight[i] for i in open_)
+        exact = {i: left * weight[i] / norm for i in open_}
+        full = {i for i in open_ if counts[i] + exact[i] >= shapes[i].numel}
+        if full:  # these layers fill up; the rest is shared again among the others
+            for i in full:
+                left -= shapes[i].numel - counts[i]
+                counts[i] = shapes[i].numel
+            open_ -= full
+            continue
+        base = {i: int(exact[i]) for i in open_}
+        leftover = left - sum(base.values())
+        order = sorted(open_, key=lambda i: (-(exact[i] - base[i]), i))
+        for i in open_:
+            counts[i] += base[i]
+        for i in order[:leftover]:
+            counts[i] += 1
+        left = 0
     return counts
 
 
 def solve_budget(
-    shapes: list[LayerShape], budget: int, rank_fraction: float, use_sparse: bool = True
+    shapes: list[LayerShape],
+    budget: int,
+    rank_fraction: float,
+    use_sparse: bool = True,
+    nnz_allocation: str = "density",
 ) -> list[LayerAllocation]:
-    """Per-layer (r, nnz) whose total is as close to `budget` as possible and never above it."""
+    """Per-layer (r, nnz) whose total is as close to `budget` as possible and never above it;
+    the nonzeros spread over layers as `nnz_allocation` says (see allocate_nnz)."""
     if not shapes:
         raise ValueError("no layers to allocate a budget to")
     if not 0.0 <= rank_fraction <= 1.0:
@@ -118,7 +147,9 @@ def solve_budget(
             f"least {need:,}"
         )
     rest = budget - r * unit
-    nnz = allocate_nnz(shapes, rest) if use_sparse and rest > 0 else [0] * len(shapes)
+    nnz = [0] * len(shapes)
+    if use_sparse and rest > 0:
+        nnz = allocate_nnz(shapes, rest, nnz_allocation)
     return [
         LayerAllocation(s.name, s.out_features, s.in_features, r, k)
         for s, k in zip(shapes, nnz, strict=True)

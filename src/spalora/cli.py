@@ -47,6 +47,7 @@ FLAGS = {
     "density": ("adapter", "density"),
     "target_modules": ("adapter", "target_modules"),
     "mask_strategy": ("adapter", "mask_strategy"),
+    "nnz_allocation": ("adapter", "nnz_allocation"),
     "warmup_steps": ("adapter", "warmup_steps"),
     "mask_batches": ("adapter", "mask_batches"),
     "sparse_warmup_steps": ("adapter", "sparse_warmup_steps"),

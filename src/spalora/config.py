@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .budget import NNZ_ALLOCATIONS
 from .methods.registry import get_method, method_names
 
 METHODS = method_names()  # the built-ins (the CLI's choices); Python users may register more
@@ -109,6 +110,12 @@ class SpaloraConfig:
     )
     rank_fraction: float | None = option(
         None, "share of the budget spent on rank (unset: half, where a method has both parts)"
+    )
+    nnz_allocation: str = option(
+        "density",
+        "how a budget's nonzeros spread over layers: the same density everywhere (density, "
+        "RoSA's) or in proportion to m + n, what one LoRA rank costs there (lora, PEFT ShiRA's)",
+        choices=NNZ_ALLOCATIONS,
     )
     # Mask schedule (RoSA): LoRA-only warm-up, gradient collection, then joint training.
     mask_strategy: str = option(

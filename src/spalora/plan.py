@@ -64,7 +64,13 @@ def uniform_allocation(
     """RoSA's split of the budget: one rank everywhere, the rest as the same density."""
     # base parameters only: a second adapter's "0.5%" must not count the first one's
     budget = parse_budget(config.budget, shapes, base_numel(model))
-    return solve_budget(shapes, budget, config.effective_rank_fraction, config.uses_sparse)
+    return solve_budget(
+        shapes,
+        budget,
+        config.effective_rank_fraction,
+        config.uses_sparse,
+        config.nnz_allocation,
+    )
 
 
 def resolve_allocation(
