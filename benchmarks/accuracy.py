@@ -279,14 +279,15 @@ def run_one(
     p = spec.profile
     task = load_task(spec.task)  # the split is fixed (seed 0): only training varies by seed
     budget = budget_params(model, spec.r_eq)
-    model = build_method(spec.method, model, spec.r_eq, method_options(spec)).to(device)
+    cfg = replace(spec.train_config(), progress=progress)
+    options = method_options(spec) | {"probe_batches": training_stream(tokenizer, task.train, cfg)}
+    model = build_method(spec.method, model, spec.r_eq, options).to(device)
     n_trainable = trainable_params(model)
     # Our method trains over-provisioned and truncates to the budget: its count is checked
     # after training, and the training-time count is reported next to it.
     truncates = trains_over_budget(model)
     check_budget(spec, n_trainable, budget, before_truncation=truncates)
     peak_trainable = n_trainable
-    cfg = replace(spec.train_config(), progress=progress)
     started = time.perf_counter()
     try:
         trained = train(model, tokenizer, task.train, cfg)
@@ -321,6 +322,22 @@ def run_one(
         }
         | ({} if str(device) == "cpu" else {"device": str(device)})
     )
+
+
+def training_stream(tokenizer, examples, cfg) -> Callable:
+    """() -> the run's own training micro-batches from its start, for a method that looks at
+    data before it trains (sparse-credit's probe); the run's training is unaffected."""
+
+    def stream():
+        from spalora.data import batches, encode_examples
+
+        encoded, _ = encode_examples(tokenizer, examples, cfg.max_length, cfg.overlong)
+        pad = tokenizer.pad_token_id
+        return batches(
+            encoded, cfg.batch_size, tokenizer.eos_token_id if pad is None else pad, cfg.seed
+        )
+
+    return stream
 
 
 def method_options(spec: RunSpec) -> dict:

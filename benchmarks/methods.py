@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .spread import build_sparse_credit
+
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Starting grids, points a factor ~3 apart; the harness extends a grid past its edge whenever the
 # choice lands there (accuracy.next_lr), so every method's rate ends up inside its grid.
@@ -248,6 +250,14 @@ METHODS: dict[str, Method] = {
             revision=1,
             description="control: sparse-random with ShiRA's spread, r (m + n) entries per layer",
             compare_with=("peft-shira", "sparse-random"),
+        ),
+        # Issue 25: the spread set by each layer's gradient mass at step 0 (benchmarks/spread.py)
+        Method(
+            "sparse-credit",
+            build_sparse_credit(LINEAR_NAMES),
+            revision=1,
+            description="pilot: random entries spread over layers by size x mean |g| at step 0",
+            compare_with=("sparse-random", "sparse-random-lora", "peft-shira"),
         ),
         # Issue 25's oracle pilot: does a fixed mixed split beat all-sparse when both parts train
         # from step 0, S on a random support at its own (10x) rate?

@@ -14,7 +14,7 @@
 #   setsid nohup benchmarks/pilot_queue.sh verdict &      # the candidate: 3e-4 at seed 0, seeds 1-5
 #   setsid nohup benchmarks/pilot_queue.sh verdict-peer & # ShiRA seed 5, the candidate's ablations
 #   setsid nohup benchmarks/pilot_queue.sh verdict-peer2 & # the exchange candidate, ablations, peers
-#   setsid nohup benchmarks/pilot_queue.sh allocation &   # ShiRA's spread in ours, then admission-r1
+#   setsid nohup benchmarks/pilot_queue.sh allocation &   # spreads over layers, then admission-r1
 #
 # SPALORA_CACHE_ROOT moves the caches (default benchmarks/cache); logs: runs/queues/pilot-NAME.*
 set -uo pipefail
@@ -117,8 +117,10 @@ case $name in
     run v2 spalora-exchange 2 1e-3 0
     run v2 spalora-gradual-cut 2 1e-3 0
     "$0" peers ;;
-  allocation)  # issue 25: PEFT ShiRA's spread (r (m + n) entries per layer) in our sparse-random
-    # and in the first candidate, at the selection seed; then the second condition's admission
+  allocation)  # issue 25: random entries spread over layers by their step-0 gradient mass
+    # (sparse-credit), by PEFT ShiRA's r (m + n) per layer in our sparse-random and in the first
+    # candidate, at the selection seed; then the second condition's admission
+    run v2 sparse-credit 2 1e-2 0
     run v2 sparse-random-lora 2 1e-2 0
     run v2 spalora-gradual-lora 2 1e-3 0
     "$0" admission-r1 ;;

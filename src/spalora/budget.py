@@ -93,17 +93,27 @@ NNZ_ALLOCATIONS = ("density", "lora")
 def allocate_nnz(shapes: list[LayerShape], total: int, by: str = "density") -> list[int]:
     """Split `total` nonzeros across layers, summing to `total`: in proportion to each layer's
     size (by="density": the same density everywhere, RoSA's) or to what one LoRA rank costs
-    there, m + n (by="lora": PEFT ShiRA's r (m + n) per layer). A layer's share above its size
-    goes to the others (water-filling), so every count fits its layer."""
+    there, m + n (by="lora": PEFT ShiRA's r (m + n) per layer)."""
     if by not in NNZ_ALLOCATIONS:
         raise ValueError(f"nnz_allocation must be one of {NNZ_ALLOCATIONS}, got {by!r}")
+    weight = [s.numel if by == "density" else s.rank_unit for s in shapes]
+    return allocate_nnz_by_weight(shapes, total, weight)
+
+
+def allocate_nnz_by_weight(shapes: list[LayerShape], total: int, weight: list[float]) -> list[int]:
+    """`total` nonzeros in proportion to `weight`, largest remainders rounded up. A layer's
+    share above its size goes to the others (water-filling), so every count fits its layer."""
     capacity = sum(s.numel for s in shapes)
     if total > capacity:
         raise ValueError(f"{total} nonzeros exceed the {capacity} entries of the targeted layers")
-    weight = [s.numel if by == "density" else s.rank_unit for s in shapes]
+    if len(weight) != len(shapes) or any(not w >= 0 for w in weight) or not sum(weight) > 0:
+        raise ValueError("weights must be one non-negative number per layer, not all zero")
     counts = [0] * len(shapes)
-    open_, left = set(range(len(shapes))), total
+    open_, left = {i for i in range(len(shapes)) if weight[i] > 0}, total
     while left > 0:
+        if not open_:  # only zero-weight layers have room: fill them by size
+            open_ = {i for i in range(len(shapes)) if counts[i] < shapes[i].numel}
+            weight = [float(s.numel) for s in shapes]
         norm = sum(weight[i] for i in open_)
         exact = {i: left * weight[i] / norm for i in open_}
         full = {i for i in open_ if counts[i] + exact[i] >= shapes[i].numel}

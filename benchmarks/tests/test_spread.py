@@ -1,0 +1,66 @@
+"""sparse-credit's probe and spread (benchmarks/spread.py)."""
+
+import pytest
+import torch
+
+from benchmarks.spread import credit_spread, layer_gradient_mass
+from spalora.budget import LayerShape, allocate_nnz_by_weight
+from tests.conftest import tiny_llama
+
+
+def batch_stream(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        ids = torch.randint(0, 96, (2, 12), generator=gen)
+        yield {"input_ids": ids, "labels": ids}
+
+
+def test_gradient_mass_matches_a_float64_reference_and_changes_nothing():
+    model = tiny_llama()
+    names = ("q_proj", "v_proj", "down_proj")
+    layers = {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names}
+    for p in model.parameters():
+        p.requires_grad_(False)  # a frozen base, as under an adapter
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mass = layer_gradient_mass(model, layers, batch_stream(), 3)
+    # reference: the same batches through a float64 copy, every weight trainable
+    ref = tiny_llama().double()
+    ref.load_state_dict({k: v.double() for k, v in before.items()})
+    want = dict.fromkeys(layers, 0.0)
+    stream = batch_stream()
+    for _ in range(3):
+        ref.zero_grad()
+        ref(**next(stream)).loss.backward()
+        for n in layers:
+            want[n] += ref.get_submodule(n).weight.grad.abs().sum().item() / 3
+    assert mass == pytest.approx(want, rel=1e-4)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is None
+    assert model.training is False  # tiny_llama() is in eval mode and stays there
+    assert not any(p.requires_grad for p in model.parameters())  # still frozen
+
+
+def test_spread_follows_the_gradient_mass_exactly_and_fits_every_layer():
+    shapes = [LayerShape("a", 10, 10), LayerShape("b", 10, 10), LayerShape("c", 20, 10)]
+    assert credit_spread(shapes, 60, {"a": 1.0, "b": 2.0, "c": 3.0}) == [10, 20, 30]
+    # "c" would take 3/4 of 300 = 225 entries but holds 200: the rest goes to a and b by weight
+    assert credit_spread(shapes, 300, {"a": 1.0, "b": 3.0, "c": 12.0}) == [25, 75, 200]
+    assert sum(credit_spread(shapes, 257, {"a": 0.3, "b": 0.1, "c": 0.7})) == 257
+    with pytest.raises(ValueError, match="non-negative number per layer"):
+        allocate_nnz_by_weight(shapes, 10, [1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match="not all zero"):
+        allocate_nnz_by_weight(shapes, 10, [0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="exceed"):
+        allocate_nnz_by_weight(shapes, 401, [1.0, 1.0, 1.0])
+
+
+def test_sparse_credit_builds_the_budget_exactly_and_refuses_without_data():
+    from benchmarks.methods import METHODS, budget_params, trainable_params
+
+    build = METHODS["sparse-credit"].build
+    model = build(tiny_llama(), 2, {"seed": 0, "mask_batches": 2, "probe_batches": batch_stream})
+    assert trainable_params(model) == budget_params(tiny_llama(), 2)
+    counts = model.spalora_config.nnz_pattern
+    assert len(set(counts.values())) > 3  # spread by mass, not by one rule of shape
+    with pytest.raises(ValueError, match="needs the run's training batches"):
+        build(tiny_llama(), 2, {"seed": 0})
