@@ -281,7 +281,9 @@ def run_one(
     budget = budget_params(model, spec.r_eq)
     cfg = replace(spec.train_config(), progress=progress)
     options = method_options(spec) | {"probe_batches": training_stream(tokenizer, task.train, cfg)}
+    built = time.perf_counter()  # a method that probes data first (sparse-credit) pays here
     model = build_method(spec.method, model, spec.r_eq, options).to(device)
+    build_seconds = time.perf_counter() - built
     n_trainable = trainable_params(model)
     # Our method trains over-provisioned and truncates to the budget: its count is checked
     # after training, and the training-time count is reported next to it.
@@ -312,6 +314,7 @@ def run_one(
             "budget_params": budget,
             "adapter_bytes": adapter_bytes(model, spec.method),
             "train_seconds": train_seconds,
+            "build_seconds": build_seconds,
             "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
             "finite": all(x == x for x in losses),
             "losses": [round(x, 4) for x in losses],  # the training curve, for diagnosis
