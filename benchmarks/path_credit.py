@@ -65,57 +65,51 @@ def credit_run(method: str, lr: float, seed: int, steps: int, r_eq: int = 2) -> 
     finally:
         h1.remove()
         h2.remove()
-    return {n: (credit[n], values[n].detach().abs().double()) for n in values}
+    return {
+        n: (credit[n].numel(), float(credit[n].sum()), float(values[n].detach().abs().sum()))
+        for n in values
+    }
 
 
-def probe_run(batches: int, seed: int = 0, r_eq: int = 2) -> dict:
-    """{layer: (sum over entries of mean |g| per micro-batch, entries)} at the base model."""
-    from spalora.data import batches as stream
-    from spalora.data import encode_examples
+def probe_run(batches: int, seed: int = 0) -> dict:
+    """{layer: (gradient mass, entries)} at the base model over the run's first micro-batches
+    (benchmarks.spread.layer_gradient_mass, as sparse-credit measures it)."""
     from spalora.hub import load_model_and_tokenizer
 
+    from .accuracy import training_stream
     from .methods import adapted_linears
+    from .spread import layer_gradient_mass
 
     profile = PROFILES["v2"]
-    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
-    task = task_loader(profile)("arithmetic")
-    rows, _ = encode_examples(tokenizer, task.train, profile.max_length)
-    layers = {n: m for n, m in model.named_modules() if m in set(adapted_linears(model))}
+    spec = RunSpec("sparse-random", (), 1e-2, seed, "arithmetic", 2, profile, "smollm2-135m")
+    model, tokenizer = load_model_and_tokenizer(spec.model)
     for p in model.parameters():
         p.requires_grad_(False)
-    for m in layers.values():
-        m.weight.requires_grad_(True)
-    total = {n: torch.zeros((), dtype=torch.float64) for n in layers}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for i, batch in enumerate(stream(rows, profile.batch_size, pad, seed)):
-        if i == batches:
-            break
-        model.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
-        for n, m in layers.items():
-            total[n] += m.weight.grad.abs().double().sum() / batches
-    return {n: (float(total[n]), m.weight.numel()) for n, m in layers.items()}
+    task = task_loader(profile)("arithmetic")
+    layers = {n: m for n, m in model.named_modules() if m in set(adapted_linears(model))}
+    stream = training_stream(tokenizer, task.train, spec.train_config())()
+    mass = layer_gradient_mass(model, layers, stream, batches)
+    return {n: (m.weight.numel(), mass[n]) for n, m in layers.items()}
 
 
-def share_table(result: dict, key, label: str) -> str:
-    """Rows of (entries, credit, |s|) summed by key(layer name)."""
-    rows = collections.defaultdict(lambda: [0, 0.0, 0.0])
-    for name, (credit, mag) in result.items():
+def share_table(result: dict, key, label: str, scores: tuple[str, ...]) -> str:
+    """Per group of layers (key(layer name)): its share of the entries, and for each score its
+    share and its share per entry relative to the mean. `result`: {layer: (entries, *sums)}."""
+    rows = collections.defaultdict(lambda: [0.0] * (1 + len(scores)))
+    for name, values in result.items():
         row = rows[key(name)]
-        row[0] += credit.numel()
-        row[1] += float(credit.sum())
-        row[2] += float(mag.sum())
-    n, c, m = (sum(r[i] for r in rows.values()) for i in range(3))
+        for i, v in enumerate(values):
+            row[i] += v
+    totals = [sum(r[i] for r in rows.values()) for i in range(1 + len(scores))]
+    head = "".join(f" share of {s} | per entry (x mean) |" for s in scores)
     lines = [
-        f"| {label} | share of entries | share of -g.dtheta | per entry (x mean) | share of |s| "
-        "| per entry (x mean) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| {label} | share of entries |{head}",
+        "| --- | ---: |" + " ---: | ---: |" * len(scores),
     ]
-    for t, (k, cr, mg) in rows.items():
-        lines.append(
-            f"| {t} | {k / n:.3f} | {cr / c:.3f} | {(cr / c) / (k / n):.2f} | {mg / m:.3f} "
-            f"| {(mg / m) / (k / n):.2f} |"
-        )
+    for t, row in rows.items():
+        share = [v / tot for v, tot in zip(row, totals, strict=True)]
+        cells = "".join(f" {x:.3f} | {x / share[0]:.2f} |" for x in share[1:])
+        lines.append(f"| {t} | {share[0]:.3f} |{cells}")
     return "\n".join(lines) + "\n"
 
 
@@ -135,17 +129,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--probe", type=int, default=0, help="mean |g| over N batches instead")
     a = ap.parse_args(argv)
     if a.probe:
-        probe = probe_run(a.probe, a.seed)
-        # the same tables, the probe's mean |g| standing in for credit (and for |s|)
-        fake = {
-            n: (torch.full((k,), g / k), torch.full((k,), g / k)) for n, (g, k) in probe.items()
-        }
-        print(f"mean |g| per entry at the base model, first {a.probe} batches (seed {a.seed})\n")
+        result, scores = probe_run(a.probe, a.seed), ("mean |g| mass",)
+        print(f"gradient mass at the base model, first {a.probe} micro-batches (seed {a.seed})\n")
     else:
-        fake = credit_run(a.method, a.lr, a.seed, a.steps)
+        result, scores = credit_run(a.method, a.lr, a.seed, a.steps), ("-g.dtheta", "|s|")
         print(f"{a.method} lr={a.lr:g} seed={a.seed}, {a.steps} steps (arithmetic, r_eq 2)\n")
-    print(share_table(fake, lambda n: n.rsplit(".", 1)[-1], "module"))
-    print(share_table(fake, sixth, "depth"))
+    print(share_table(result, lambda n: n.rsplit(".", 1)[-1], "module", scores))
+    print(share_table(result, sixth, "depth", scores))
 
 
 if __name__ == "__main__":

@@ -64,3 +64,12 @@ def test_sparse_credit_builds_the_budget_exactly_and_refuses_without_data():
     assert len(set(counts.values())) > 3  # spread by mass, not by one rule of shape
     with pytest.raises(ValueError, match="needs the run's training batches"):
         build(tiny_llama(), 2, {"seed": 0})
+
+
+def test_share_table_reports_shares_and_per_entry_ratios():
+    from benchmarks.path_credit import share_table, sixth
+
+    result = {"model.layers.0.q": (10, 1.0, 5.0), "model.layers.29.q": (30, 3.0, 5.0)}
+    text = share_table(result, sixth, "depth", ("credit", "|s|"))
+    assert "| blocks 0-4 | 0.250 | 0.250 | 1.00 | 0.500 | 2.00 |" in text
+    assert "| blocks 25-29 | 0.750 | 0.750 | 1.00 | 0.500 | 0.67 |" in text
