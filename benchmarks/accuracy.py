@@ -300,7 +300,8 @@ def run_one(
     n_trainable = trainable_params(model)
     check_budget(spec, n_trainable, budget)
     if p.protocol >= 2:
-        scores = heldout.score(model, tokenizer, task, p, progress)
+        selecting = spec.seed in p.selection_seeds  # read for its validation NLL only
+        scores = heldout.score(model, tokenizer, task, p, progress, test=not selecting)
     else:
         scores = score_v1(model, tokenizer, task, p, progress)
     losses = [h["loss"] for h in history if "loss" in h]

@@ -21,12 +21,13 @@ ADMIT_FACTOR = 3.0
 
 
 def load_records(cache_dirs: list[Path]) -> list[dict]:
-    """Protocol-2 records (per-example NLL present), each with its spec."""
+    """Protocol-2 records (per-example NLL present; a selection run has no test set), each with
+    its spec."""
     out = []
     for root in cache_dirs:
         for path in sorted(Path(root).glob("*.json")):
             rec = json.loads(path.read_text())
-            if "test_nll" in rec["result"]:
+            if {"test_nll", "validation_nll"} & set(rec["result"]):  # protocol 2
                 out.append(rec)
     return out
 
@@ -62,8 +63,9 @@ def by_arm(records: list[dict], selection: bool = False) -> dict[tuple, dict[int
 def nats_per_point(records: list[dict]) -> float | None:
     """Least-squares slope of mean test NLL on test accuracy (points) across runs: how many
     nats one accuracy point is worth here (None with fewer than 4 runs)."""
-    xs = [100 * r["result"]["test"] for r in records]
-    ys = [r["result"]["test_nll_mean"] for r in records]
+    scored = [r["result"] for r in records if "test" in r["result"]]
+    xs = [100 * r["test"] for r in scored]
+    ys = [r["test_nll_mean"] for r in scored]
     if len(xs) < 4 or statistics.pvariance(xs) == 0:
         return None
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -114,9 +116,10 @@ def write_pilot_report(cache_dirs: list[Path], out: Path, command: str) -> list[
         "",
     ]
     if slope is not None:
+        n_scored = sum("test" in r["result"] for r in records)
         lines.append(
             f"One accuracy point is worth {slope:.4f} nats of mean test NLL here (least-squares "
-            f"slope over {len(records)} runs); the target effect of {TARGET_POINTS:g} point is "
+            f"slope over {n_scored} runs); the target effect of {TARGET_POINTS:g} point is "
             f"{target:.4f} nats."
         )
         lines.append("")
@@ -214,9 +217,15 @@ def selection_table(arms: dict[tuple, dict[int, dict]], sd_seed: float) -> list[
         lines.append(
             f"| {cond[0]} {cond[1]} steps r_eq {cond[2]} | {name} "
             f"| {statistics.fmean(runs[0]['validation_nll']):.4f} | {gap:+.4f} ± {se:.4f} "
-            f"| {clear} | {100 * runs[0]['test']:.1f} |"
+            f"| {clear} | {_test_acc(runs[0])} |"
         )
     return lines + [""]
+
+
+def _test_acc(result: dict) -> str:
+    """A selection run's test accuracy, where it was scored (runs before selection seeds went
+    validation-only were)."""
+    return f"{100 * result['test']:.1f}" if "test" in result else "-"
 
 
 def _val(runs: dict[int, dict]) -> float:

@@ -86,8 +86,11 @@ def ensure_runs(
 
 def summary_line(result: dict) -> str:
     nll = result.get("test_nll_mean")
-    head = f"test nll {nll:.4f} " if nll is not None else ""
+    if "test" in result:
+        head = (f"test nll {nll:.4f} " if nll is not None else "") + f"test {result['test']:.4f}"
+    else:  # a selection seed's run: validation only
+        head = f"validation nll {result['validation_nll_mean']:.4f}"
     return (
-        f"{head}test {result['test']:.4f} (train {result.get('train_seconds', 0):.0f} s, "
+        f"{head} (train {result.get('train_seconds', 0):.0f} s, "
         f"eval {result.get('eval_seconds', 0):.0f} s)"
     )

@@ -112,6 +112,9 @@ def test_pilot_report_ranks_selection_seed_runs_on_validation(tmp_path):
         rec = fake_record(method, 2, 0, [x + shift for x in val[:50]], [1] * 50)
         noise = (0.05 * torch.randn(400, generator=gen)).tolist()
         rec["result"]["validation_nll"] = [x + shift + e for x, e in zip(val, noise, strict=True)]
+        if method == "sparse-random":  # a selection run scored on validation only
+            for key in ("test", "test_nll", "test_nll_mean", "test_correct"):
+                del rec["result"][key]
         (cache / f"{method}-0.json").write_text(json.dumps(rec))
     (path,) = write_pilot_report([cache], tmp_path / "out", "cmd")
     rows = path.read_text().split("## Selection seed 0")[1].splitlines()
@@ -120,6 +123,7 @@ def test_pilot_report_ranks_selection_seed_runs_on_validation(tmp_path):
         "peft-shira lr=0.001", "sparse-random lr=0.001", "lora lr=0.001",
     ]  # fmt: skip
     assert table[0].split(" | ")[4] == "best"
+    assert table[1].endswith("| - |")  # its test accuracy was never scored
     # 0.1 nats behind is clear at one seed; 0.002 is not (no seed-noise pairs: allowance 0)
     assert table[2].split(" | ")[4] == "yes" and table[1].split(" | ")[4] == "no"
 

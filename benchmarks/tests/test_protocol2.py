@@ -65,6 +65,11 @@ def test_protocol2_run_records_per_example_nll_and_eval_time(tmp_path):
             specs, tmp_path, load_model=lambda n: (tiny_llama(), word_tokenizer()),
             load_task=toy_task,
         )  # fmt: skip
+        # a selection seed's run is read for its validation NLL only: the test set goes unscored
+        (selecting,) = ensure_runs(
+            specs_for("v2-test", "toy", 2, "lora", 1e-3, [0]), tmp_path,
+            load_model=lambda n: (tiny_llama(), word_tokenizer()), load_task=toy_task,
+        )  # fmt: skip
     finally:
         del accuracy.PROFILES["v2-test"]
     task = toy_task("toy")
@@ -76,6 +81,9 @@ def test_protocol2_run_records_per_example_nll_and_eval_time(tmp_path):
         assert r["eval_seconds"] > 0 and r["train_seconds"] > 0 and r["build_seconds"] >= 0
         assert all(math.isfinite(x) for x in r["test_nll"])
     assert results[0]["test_nll"] != results[1]["test_nll"]  # seeds differ
+    assert selecting["n_test"] == 0 and not {"test", "test_nll", "test_correct"} & set(selecting)
+    assert len(selecting["validation_nll"]) == len(task.validation)
+    assert selecting["validation_nll_mean"] == pytest.approx(-selecting["validation"])
     # cached: a second call trains nothing and returns the same records
     again = ensure_runs(specs, tmp_path, load_model=None, load_task=None)
     assert again == results
