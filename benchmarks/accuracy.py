@@ -527,7 +527,8 @@ class BenchmarkRuns:
             line = f"[bench]   diverged: {result['diverged']}"
         else:
             line = (
-                f"[bench]   validation {result['validation']:.4f} test {result['test']:.4f} "
+                f"[bench]   validation {result['validation']:.4f} "
+                f"test {result.get('test', float('nan')):.4f} "
                 f"({result.get('train_seconds', 0):.0f} s)"
             )
         print(line, file=sys.stderr, flush=True)

@@ -67,7 +67,8 @@ def main() -> None:
     for path in sorted(Path(args.cache).glob("*.json")):
         record = json.loads(path.read_text())
         spec, result = record["spec"], record["result"]
-        if spec["method"] not in methods or result.get("test_correct") or "diverged" in result:
+        skip = result.get("test_correct") or "diverged" in result or "test" not in result
+        if spec["method"] not in methods or skip:  # no test: a selection run, never scored
             continue
         if (args.task and spec["task"] != args.task) or (args.lr and spec["lr"] != args.lr):
             continue

@@ -310,7 +310,9 @@ METHODS: dict[str, Method] = {
         ),
         _candidate(
             "spalora-gradual-lora",
-            "candidate with ShiRA's spread: its nonzeros start (and stay) in proportion to m + n",
+            "candidate with ShiRA's spread at the start: its nonzeros begin in proportion to "
+            "m + n; its global magnitude pruning then re-splits them (in practice it keeps each "
+            "layer's share, docs/results/README.md)",
             lr_from="spalora-gradual",
             nnz_allocation="lora",
         ),

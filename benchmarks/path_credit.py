@@ -36,6 +36,8 @@ def credit_run(method: str, lr: float, seed: int, steps: int, r_eq: int = 2) -> 
     spec = RunSpec(method, (), lr, seed, "arithmetic", r_eq, profile, "smollm2-135m")
     model, tokenizer = load_model_and_tokenizer(spec.model)
     model = build_method(method, model, r_eq, method_options(spec))
+    if model.spalora_config.method == "spalora":  # resizes its layers: the hooks would go stale
+        raise ValueError(f"{method}: path credit follows fixed supports only (a sparse method)")
     values: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():  # each tensor once, under its layer's name
         p = getattr(module, "sparse_values", None)

@@ -63,7 +63,7 @@ def by_arm(records: list[dict], selection: bool = False) -> dict[tuple, dict[int
 def nats_per_point(records: list[dict]) -> float | None:
     """Least-squares slope of mean test NLL on test accuracy (points) across runs: how many
     nats one accuracy point is worth here (None with fewer than 4 runs)."""
-    scored = [r["result"] for r in records if "test" in r["result"]]
+    scored = [r["result"] for r in records if not is_selection(r["spec"])]
     xs = [100 * r["test"] for r in scored]
     ys = [r["test_nll_mean"] for r in scored]
     if len(xs) < 4 or statistics.pvariance(xs) == 0:
@@ -116,7 +116,7 @@ def write_pilot_report(cache_dirs: list[Path], out: Path, command: str) -> list[
         "",
     ]
     if slope is not None:
-        n_scored = sum("test" in r["result"] for r in records)
+        n_scored = sum(not is_selection(r["spec"]) for r in records)
         lines.append(
             f"One accuracy point is worth {slope:.4f} nats of mean test NLL here (least-squares "
             f"slope over {n_scored} runs); the target effect of {TARGET_POINTS:g} point is "

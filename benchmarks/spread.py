@@ -27,23 +27,29 @@ def layer_gradient_mass(
     model: nn.Module, layers: dict[str, nn.Linear], batches: Iterator[dict], n: int
 ) -> dict[str, float]:
     """{layer: sum over its weight's entries of |dL/dW|, averaged over n micro-batches}, at the
-    model as it is (no parameter changes; gradients cleared afterwards)."""
-    was = {name: m.weight.requires_grad for name, m in layers.items()}
+    model as it is, on its device (no parameter changes; only the probed weights take
+    gradients, and every flag, the mode and the gradients are as before afterwards)."""
+    params = list(model.parameters())
+    was = [p.requires_grad for p in params]
     mass = {name: torch.zeros((), dtype=torch.float64) for name in layers}
     training = model.training
+    device = params[0].device
     model.train()
     try:
+        for p in params:
+            p.requires_grad_(False)
         for m in layers.values():
             m.weight.requires_grad_(True)
         for _ in range(n):
             model.zero_grad(set_to_none=True)
-            model(**next(batches)).loss.backward()
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            model(**batch).loss.backward()
             for name, m in layers.items():
                 mass[name] += m.weight.grad.detach().abs().double().sum() / n
     finally:
         model.zero_grad(set_to_none=True)
-        for name, m in layers.items():
-            m.weight.requires_grad_(was[name])
+        for p, flag in zip(params, was, strict=True):
+            p.requires_grad_(flag)
         model.train(training)
     return {name: float(v) for name, v in mass.items()}
 

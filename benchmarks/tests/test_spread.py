@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from benchmarks.spread import credit_spread, layer_gradient_mass
-from spalora.budget import LayerShape, allocate_nnz_by_weight
+from spalora.budget import LayerShape, allocate_nnz, allocate_nnz_by_weight
 from tests.conftest import tiny_llama
 
 
@@ -50,18 +50,29 @@ def test_spread_follows_the_gradient_mass_exactly_and_fits_every_layer():
         allocate_nnz_by_weight(shapes, 10, [1.0, -1.0, 1.0])
     with pytest.raises(ValueError, match="not all zero"):
         allocate_nnz_by_weight(shapes, 10, [0.0, 0.0, 0.0])
-    with pytest.raises(ValueError, match="exceed"):
-        allocate_nnz_by_weight(shapes, 401, [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="finite"):
+        allocate_nnz_by_weight(shapes, 10, [1.0, float("inf"), 1.0])
+    for total in (401, -1):
+        with pytest.raises(ValueError, match="do not fit"):
+            allocate_nnz_by_weight(shapes, total, [1.0, 1.0, 1.0])
 
 
 def test_sparse_credit_builds_the_budget_exactly_and_refuses_without_data():
-    from benchmarks.methods import METHODS, budget_params, trainable_params
+    from benchmarks.methods import METHODS, adapted_linears, budget_params, trainable_params
 
     build = METHODS["sparse-credit"].build
     model = build(tiny_llama(), 2, {"seed": 0, "mask_batches": 2, "probe_batches": batch_stream})
     assert trainable_params(model) == budget_params(tiny_llama(), 2)
-    counts = model.spalora_config.nnz_pattern
-    assert len(set(counts.values())) > 3  # spread by mass, not by one rule of shape
+    # the counts are the spread of the mass measured on the same two batches, which neither
+    # shape rule gives
+    base = tiny_llama()
+    layers = {n: m for n, m in base.named_modules() if m in set(adapted_linears(base))}
+    mass = layer_gradient_mass(base, layers, batch_stream(), 2)
+    shapes = [LayerShape(n, m.out_features, m.in_features) for n, m in layers.items()]
+    want = credit_spread(shapes, budget_params(base, 2), mass)
+    assert list(model.spalora_config.nnz_pattern.values()) == want
+    for rule in ("density", "lora"):
+        assert want != allocate_nnz(shapes, budget_params(base, 2), rule)
     with pytest.raises(ValueError, match="needs the run's training batches"):
         build(tiny_llama(), 2, {"seed": 0})
 

@@ -104,10 +104,13 @@ def allocate_nnz_by_weight(shapes: list[LayerShape], total: int, weight: list[fl
     """`total` nonzeros in proportion to `weight`, largest remainders rounded up. A layer's
     share above its size goes to the others (water-filling), so every count fits its layer."""
     capacity = sum(s.numel for s in shapes)
-    if total > capacity:
-        raise ValueError(f"{total} nonzeros exceed the {capacity} entries of the targeted layers")
-    if len(weight) != len(shapes) or any(not w >= 0 for w in weight) or not sum(weight) > 0:
-        raise ValueError("weights must be one non-negative number per layer, not all zero")
+    if not 0 <= total <= capacity:
+        raise ValueError(
+            f"{total} nonzeros do not fit the {capacity} entries of the targeted layers"
+        )
+    finite = all(0 <= w < math.inf for w in weight)
+    if len(weight) != len(shapes) or not finite or not sum(weight) > 0:
+        raise ValueError("weights must be one finite non-negative number per layer, not all zero")
     counts = [0] * len(shapes)
     open_, left = {i for i in range(len(shapes)) if weight[i] > 0}, total
     while left > 0:
