@@ -15,6 +15,7 @@
 #   setsid nohup benchmarks/pilot_queue.sh verdict-peer & # ShiRA seed 5, the candidate's ablations
 #   setsid nohup benchmarks/pilot_queue.sh verdict-peer2 & # the exchange candidate, ablations, peers
 #   setsid nohup benchmarks/pilot_queue.sh allocation &   # spreads over layers, then admission-r1
+#   setsid nohup benchmarks/pilot_queue.sh allocation-100 &  # the same at selection seed 100
 #
 # SPALORA_CACHE_ROOT moves the caches (default benchmarks/cache); logs: runs/queues/pilot-NAME.*
 set -uo pipefail
@@ -124,9 +125,16 @@ case $name in
     run v2 sparse-random-lora 2 1e-2 0
     run v2 spalora-gradual-lora 2 1e-3 0
     "$0" admission-r1 ;;
+  allocation-100)  # the allocation pilots at the second selection seed (100, never reported):
+    # one seed's gap carries a seed SD of 0.01-0.02, so a candidate's lead is read at two
+    run v2 sparse-random-lora 2 1e-2 100
+    run v2 sparse-random 2 1e-2 100
+    run v2 peft-shira 2 1e-2 100
+    run v2 spalora-gradual-lora 2 1e-3 100
+    "$0" admission-r1 ;;
   revision)  # issue 25's candidate for revision 4 (spalora-gradual, S at 10x LoRA's rate) at
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100)" >&2; exit 2 ;;
 esac
