@@ -14,6 +14,7 @@ from collections import defaultdict
 from itertools import combinations
 from pathlib import Path
 
+from .accuracy import PROFILES
 from .power import matrix, paired_gap
 
 TARGET_POINTS = 1.0  # the effect to detect: one accuracy point, or its NLL equivalent
@@ -43,11 +44,10 @@ def arm(spec: dict) -> str:
     return f"{name} lr={spec['lr']:g}"
 
 
-SELECTION_SEEDS = (0, 100)  # a profile that does not name its selection seeds used these
-
-
 def is_selection(spec: dict) -> bool:
-    return spec["seed"] in spec["profile"].get("selection_seeds", SELECTION_SEEDS)
+    """A run at one of its profile's selection seeds (a record without them: protocol 2's)."""
+    default = PROFILES["v2"].selection_seeds
+    return spec["seed"] in spec["profile"].get("selection_seeds", default)
 
 
 def by_arm(records: list[dict], selection: bool = False) -> dict[tuple, dict[int, dict]]:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from spalora.budget import LayerShape
+from spalora.budget import LayerShape, allocate_nnz_by_weight
 
 
 def layer_gradient_mass(
@@ -57,8 +57,6 @@ def layer_gradient_mass(
 def credit_spread(shapes: list[LayerShape], total: int, mass: dict[str, float]) -> list[int]:
     """Nonzeros per layer in proportion to its gradient mass (size x mean |g|), summing to
     `total`, none above its layer's size."""
-    from spalora.budget import allocate_nnz_by_weight
-
     return allocate_nnz_by_weight(shapes, total, [mass[s.name] for s in shapes])
 
 
