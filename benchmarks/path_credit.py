@@ -28,7 +28,11 @@ from .accuracy import PROFILES, RunSpec, method_options, task_loader
 from .methods import build_method
 
 
-def credit_run(method: str, lr: float, seed: int, steps: int, r_eq: int = 2) -> dict:
+def credit_run(
+    method: str, lr: float, seed: int, steps: int, r_eq: int = 2, early: int = 0
+) -> dict:
+    """{layer: (entries, realized credit, sum |value|)}; with early=K > 0 also, per layer, each
+    entry's mean |g| over the first K steps and the credit it realized after them (tensors)."""
     from spalora.hub import load_model_and_tokenizer
     from spalora.train import train
 
@@ -44,7 +48,10 @@ def credit_run(method: str, lr: float, seed: int, steps: int, r_eq: int = 2) -> 
         if p is not None and all(p is not q for q in values.values()):
             values[name.removesuffix(".default")] = p
     credit = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in values.items()}
+    late = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in values.items()}
+    grad0 = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in values.items()}
     before: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    step = [0]
 
     def pre(opt, args, kwargs):
         for n, p in values.items():
@@ -55,8 +62,14 @@ def credit_run(method: str, lr: float, seed: int, steps: int, r_eq: int = 2) -> 
         for n, p in values.items():
             if n in before and before[n][0].shape == p.shape:
                 old, g = before[n]
-                credit[n] -= (g * (p.detach() - old)).double()
+                gain = -(g * (p.detach() - old)).double()
+                credit[n] += gain
+                if step[0] < early:
+                    grad0[n] += g.double().abs() / early
+                else:
+                    late[n] += gain
         before.clear()
+        step[0] += 1
 
     h1 = register_optimizer_step_pre_hook(pre)
     h2 = register_optimizer_step_post_hook(post)
@@ -67,10 +80,31 @@ def credit_run(method: str, lr: float, seed: int, steps: int, r_eq: int = 2) -> 
     finally:
         h1.remove()
         h2.remove()
-    return {
+    sums = {
         n: (credit[n].numel(), float(credit[n].sum()), float(values[n].detach().abs().sum()))
         for n in values
     }
+    return sums | ({"early": {n: (grad0[n], late[n]) for n in values}} if early else {})
+
+
+def decile_table(early: dict, bins: int = 10) -> str:
+    """Entries ranked by their early mean |g| within their own layer (so the layer's level does
+    not count), pooled into `bins` bins: each bin's share of the credit realized after the early
+    steps, per entry relative to the mean. Flat: an entry's early gradient does not say what it
+    will earn; rising: supports sampled by early |g| earn more per entry (first order)."""
+    got = torch.zeros(bins, dtype=torch.float64)
+    count = torch.zeros(bins, dtype=torch.float64)
+    for g, c in early.values():
+        rank = g.flatten().argsort().argsort().double() / g.numel()
+        b = (rank * bins).long().clamp(max=bins - 1)
+        got.index_add_(0, b, c.flatten())
+        count.index_add_(0, b, torch.ones_like(c.flatten()))
+    rate = (got / got.sum()) / (count / count.sum())
+    lines = ["| early |g| bin (within layer) | share of later credit | per entry (x mean) |"]
+    lines.append("| --- | ---: | ---: |")
+    for k in range(bins):
+        lines.append(f"| {k + 1} of {bins} | {float(got[k] / got.sum()):.3f} | {rate[k]:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def probe_run(batches: int, seed: int = 0) -> dict:
@@ -129,13 +163,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--probe", type=int, default=0, help="mean |g| over N batches instead")
+    ap.add_argument(
+        "--early", type=int, default=0, help="also: later credit by the first K steps' |g|"
+    )
     a = ap.parse_args(argv)
     if a.probe:
         result, scores = probe_run(a.probe, a.seed), ("mean |g| mass",)
         print(f"gradient mass at the base model, first {a.probe} micro-batches (seed {a.seed})\n")
     else:
-        result, scores = credit_run(a.method, a.lr, a.seed, a.steps), ("-g.dtheta", "|s|")
+        result = credit_run(a.method, a.lr, a.seed, a.steps, early=a.early)
+        early, scores = result.pop("early", None), ("-g.dtheta", "|s|")
         print(f"{a.method} lr={a.lr:g} seed={a.seed}, {a.steps} steps (arithmetic, r_eq 2)\n")
+        if early:
+            print(f"credit after step {a.early} by the first {a.early} steps' mean |g|\n")
+            print(decile_table(early))
     print(share_table(result, lambda n: n.rsplit(".", 1)[-1], "module", scores))
     print(share_table(result, sixth, "depth", scores))
 

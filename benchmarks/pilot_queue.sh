@@ -16,6 +16,7 @@
 #   setsid nohup benchmarks/pilot_queue.sh verdict-peer2 & # the exchange candidate, ablations, peers
 #   setsid nohup benchmarks/pilot_queue.sh allocation &   # spreads over layers, then admission-r1
 #   setsid nohup benchmarks/pilot_queue.sh allocation-100 &  # the same at selection seed 100
+#   setsid nohup benchmarks/pilot_queue.sh split-rates &  # the split, each part at its own rate
 #
 # SPALORA_CACHE_ROOT moves the caches (default benchmarks/cache); logs: runs/queues/pilot-NAME.*
 set -uo pipefail
@@ -132,9 +133,18 @@ case $name in
     run v2 peft-shira 2 1e-2 100
     run v2 spalora-gradual-lora 2 1e-3 100
     "$0" admission-r1 ;;
+  split-rates)  # issue 25: the oracle's split with each part at its own chosen rate (LoRA at
+    # 3e-3, S at 1e-2, ShiRA's spread), paired at both selection seeds with LoRA at 3e-3 and
+    # ShiRA's spread alone; then LoRA's rate at r_eq 1 (the admission pair ran it at 1e-3)
+    run v2 split-random-lora 2 3e-3 0 rank_fraction=0.5
+    run v2 split-random-lora 2 3e-3 100 rank_fraction=0.5
+    run v2 peft-lora 2 3e-3 100
+    run v2 lora 1 3e-3 0
+    run v2 lora 1 1e-2 0
+    run v2 lora 1 1e-3 0 ;;
   revision)  # issue 25's candidate for revision 4 (spalora-gradual, S at 10x LoRA's rate) at
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100 | split-rates)" >&2; exit 2 ;;
 esac
