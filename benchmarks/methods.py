@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .spread import build_sparse_credit
+from .spread import build_sparse_credit, build_sparse_sampled
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Starting grids, points a factor ~3 apart; the harness extends a grid past its edge whenever the
@@ -258,6 +258,16 @@ METHODS: dict[str, Method] = {
             revision=1,
             description="pilot: random entries spread over layers by size x mean |g| at step 0",
             compare_with=("sparse-random", "sparse-random-lora", "peft-shira"),
+        ),
+        # Issue 25: within a layer, an entry's mean |g| over the first 8 steps predicts the
+        # credit it realizes later (top tenth 2.4x the mean; path_credit --early 8): entries
+        # drawn in proportion to it on ShiRA's spread (benchmarks/spread.py)
+        Method(
+            "sparse-sampled",
+            build_sparse_sampled(LINEAR_NAMES),
+            revision=1,
+            description="pilot: ShiRA's spread, entries drawn in proportion to mean |g| at step 0",
+            compare_with=("sparse-random-lora", "peft-shira"),
         ),
         # Issue 25's oracle pilot: does a fixed mixed split beat all-sparse when both parts train
         # from step 0, S on a random support at its own (10x) rate?

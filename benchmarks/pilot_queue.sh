@@ -134,10 +134,13 @@ case $name in
     run v2 spalora-gradual-lora 2 1e-3 100
     "$0" admission-r1 ;;
   split-rates)  # issue 25: the oracle's split with each part at its own chosen rate (LoRA at
-    # 3e-3, S at 1e-2, ShiRA's spread), paired at both selection seeds with LoRA at 3e-3 and
-    # ShiRA's spread alone; then LoRA's rate at r_eq 1 (the admission pair ran it at 1e-3)
+    # 3e-3, S at 1e-2, ShiRA's spread) and entries drawn by their step-0 |g| (sparse-sampled),
+    # paired at both selection seeds with LoRA at 3e-3 and ShiRA's spread alone; then LoRA's
+    # rate at r_eq 1 (the admission pair ran it at 1e-3)
     run v2 split-random-lora 2 3e-3 0 rank_fraction=0.5
+    run v2 sparse-sampled 2 1e-2 0
     run v2 split-random-lora 2 3e-3 100 rank_fraction=0.5
+    run v2 sparse-sampled 2 1e-2 100
     run v2 peft-lora 2 3e-3 100
     run v2 lora 1 3e-3 0
     run v2 lora 1 1e-2 0

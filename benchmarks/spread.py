@@ -23,15 +23,15 @@ from torch import nn
 from spalora.budget import LayerShape, allocate_nnz_by_weight
 
 
-def layer_gradient_mass(
+def entry_gradient_mean(
     model: nn.Module, layers: dict[str, nn.Linear], batches: Iterator[dict], n: int
-) -> dict[str, float]:
-    """{layer: sum over its weight's entries of |dL/dW|, averaged over n micro-batches}, at the
-    model as it is, on its device (no parameter changes; only the probed weights take
-    gradients, and every flag, the mode and the gradients are as before afterwards)."""
+) -> dict[str, torch.Tensor]:
+    """{layer: |dL/dW| per entry, averaged over n micro-batches (float64)}, at the model as it
+    is, on its device (no parameter changes; only the probed weights take gradients, and every
+    flag, the mode and the gradients are as before afterwards)."""
     params = list(model.parameters())
     was = [p.requires_grad for p in params]
-    mass = {name: torch.zeros((), dtype=torch.float64) for name in layers}
+    mean = {name: torch.zeros(m.weight.shape, dtype=torch.float64) for name, m in layers.items()}
     training = model.training
     device = params[0].device
     model.train()
@@ -45,19 +45,70 @@ def layer_gradient_mass(
             batch = {k: v.to(device) for k, v in next(batches).items()}
             model(**batch).loss.backward()
             for name, m in layers.items():
-                mass[name] += m.weight.grad.detach().abs().double().sum() / n
+                mean[name] += m.weight.grad.detach().abs().double().cpu() / n
     finally:
         model.zero_grad(set_to_none=True)
         for p, flag in zip(params, was, strict=True):
             p.requires_grad_(flag)
         model.train(training)
-    return {name: float(v) for name, v in mass.items()}
+    return mean
+
+
+def layer_gradient_mass(
+    model: nn.Module, layers: dict[str, nn.Linear], batches: Iterator[dict], n: int
+) -> dict[str, float]:
+    """{layer: sum over its weight's entries of |dL/dW|, averaged over n micro-batches}."""
+    return {k: float(v.sum()) for k, v in entry_gradient_mean(model, layers, batches, n).items()}
 
 
 def credit_spread(shapes: list[LayerShape], total: int, mass: dict[str, float]) -> list[int]:
     """Nonzeros per layer in proportion to its gradient mass (size x mean |g|), summing to
     `total`, none above its layer's size."""
     return allocate_nnz_by_weight(shapes, total, [mass[s.name] for s in shapes])
+
+
+def sampled_support(weights: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Scores whose top k are k entries drawn without replacement with probability in proportion
+    to `weights` (Gumbel top-k: log w + Gumbel noise). An entry of weight 0 is never drawn
+    while a positive one is left."""
+    u = torch.rand(weights.shape, generator=generator, dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(u.clamp(1e-300, 1.0 - 1e-16)))
+    return (weights.log() + gumbel).float()
+
+
+def build_sparse_sampled(names: tuple[str, ...]) -> Callable:
+    """The `sparse-sampled` builder: ShiRA's r (m + n) entries per layer, drawn at random with
+    probability in proportion to each entry's mean |g| over the run's first `mask_batches`
+    micro-batches (between `sparse-random-lora`'s uniform draw and the Fisher top-k)."""
+
+    def build(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
+        from spalora import SpaloraConfig, get_spalora_model
+
+        from .methods import adapted_linears
+
+        if "probe_batches" not in variant:
+            raise ValueError("sparse-sampled needs the run's training batches (probe_batches)")
+        linear = set(adapted_linears(model))
+        layers = {n: m for n, m in model.named_modules() if m in linear}
+        n = int(variant.get("mask_batches", 8))
+        weights = entry_gradient_mean(model, layers, variant["probe_batches"](), n)
+        generator = torch.Generator().manual_seed(int(variant.get("seed", 0)))
+
+        def draw(name: str, weight: torch.Tensor, k: int) -> torch.Tensor:
+            (probe,) = [w for layer, w in weights.items() if name.endswith(layer)]
+            return sampled_support(probe, k, generator)
+
+        cfg = SpaloraConfig(
+            method="sparse",
+            target_modules=list(names),
+            budget=f"r{r_eq}",
+            nnz_allocation="lora",
+            mask_strategy=draw,
+            seed=variant.get("seed", 0),
+        )
+        return get_spalora_model(model, cfg)
+
+    return build
 
 
 def build_sparse_credit(names: tuple[str, ...]) -> Callable:

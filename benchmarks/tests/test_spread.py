@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from benchmarks.spread import credit_spread, layer_gradient_mass
+from benchmarks.spread import (
+    credit_spread,
+    entry_gradient_mean,
+    layer_gradient_mass,
+    sampled_support,
+)
 from spalora.budget import LayerShape, allocate_nnz, allocate_nnz_by_weight
 from tests.conftest import tiny_llama
 
@@ -73,6 +78,56 @@ def test_sparse_credit_builds_the_budget_exactly_and_refuses_without_data():
     assert list(model.spalora_config.nnz_pattern.values()) == want
     for rule in ("density", "lora"):
         assert want != allocate_nnz(shapes, budget_params(base, 2), rule)
+    with pytest.raises(ValueError, match="needs the run's training batches"):
+        build(tiny_llama(), 2, {"seed": 0})
+
+
+def test_sampled_support_draws_in_proportion_to_the_weights():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0], dtype=torch.float64)
+    counts = torch.zeros(5)
+    for _ in range(4000):
+        counts[sampled_support(w, 1, gen).argmax()] += 1
+    assert counts[4] == 0  # weight 0: never drawn
+    assert torch.allclose(counts[:4] / 4000, w[:4].float() / 10, atol=0.025)
+    # k of n without replacement: every positive entry before any zero one
+    top = torch.topk(sampled_support(w, 4, gen), 4).indices
+    assert sorted(top.tolist()) == [0, 1, 2, 3]
+
+
+def _masked(model):
+    """Set the masks as training's first step does (the strategy needs no data)."""
+    from spalora import apply_masks
+
+    layers = {n: lay for n, lay in model.adapter_layers().items() if lay.nnz > 0}
+    apply_masks(layers, model.spalora_config.mask_strategy, seed=0, progress=False)
+    return layers
+
+
+def test_sparse_sampled_spreads_as_shira_and_draws_high_gradient_entries():
+    from benchmarks.methods import METHODS, adapted_linears, budget_params, trainable_params
+    from spalora.budget import allocate_nnz
+
+    build = METHODS["sparse-sampled"].build
+    opts = {"seed": 0, "mask_batches": 2, "probe_batches": batch_stream}
+    model = build(tiny_llama(), 2, opts)
+    assert trainable_params(model) == budget_params(tiny_llama(), 2)
+    got = _masked(model)
+    base = tiny_llama()
+    layers = {n: m for n, m in base.named_modules() if m in set(adapted_linears(base))}
+    shapes = [LayerShape(n, m.out_features, m.in_features) for n, m in layers.items()]
+    want = allocate_nnz(shapes, budget_params(base, 2), "lora")
+    assert [lay.nnz for lay in got.values()] == want  # ShiRA's r (m + n) per layer
+    # the drawn entries carry more gradient than the layer's average entry, everywhere
+    g = entry_gradient_mean(base, layers, batch_stream(), 2)
+    for name, lay in got.items():
+        (probe,) = [w for n, w in g.items() if name.endswith(n)]
+        flat = lay.sparse_rows * lay.in_features + lay.sparse_col
+        drawn = probe.reshape(-1)[flat]
+        assert drawn.mean() > 1.2 * probe.mean(), name
+    again = _masked(build(tiny_llama(), 2, opts))  # the same seed draws the same support
+    for a, b in zip(got.values(), again.values(), strict=True):
+        assert torch.equal(a.sparse_col, b.sparse_col) and torch.equal(a.sparse_crow, b.sparse_crow)
     with pytest.raises(ValueError, match="needs the run's training batches"):
         build(tiny_llama(), 2, {"seed": 0})
 
