@@ -182,32 +182,39 @@ def gaps_table(rows: list[dict], target: float | None) -> list[str]:
 
 
 def selection_table(arms: dict[tuple, dict[int, dict]], sd_seed: float) -> list[str]:
-    """Selection seed 0, never reported: every arm's validation NLL against the condition's best
-    arm at that seed, paired by validation example. One seed cannot measure the gap's seed noise,
-    so a gap is called clear only beyond 2 sqrt(SE^2 + sd_seed^2), sd_seed being the largest
+    """Every selection seed's table, never reported (see seed_table)."""
+    seeds = sorted({seed for runs in arms.values() for seed in runs})
+    return [line for seed in seeds for line in seed_table(arms, sd_seed, seed)]
+
+
+def seed_table(arms: dict[tuple, dict[int, dict]], sd_seed: float, seed: int) -> list[str]:
+    """One selection seed: every arm's validation NLL against the condition's best arm at that
+    seed, paired by validation example. One seed cannot measure the gap's seed noise, so a gap
+    is called clear only beyond 2 sqrt(SE^2 + sd_seed^2), sd_seed being the largest
     between-seed SD of a gap the multi-seed pairs measured."""
     best: dict[tuple, tuple[str, list[float]]] = {}
     for (cond, name), runs in sorted(arms.items()):
-        if 0 in runs and cond[2] > 0:
-            val = runs[0]["validation_nll"]
+        if seed in runs and cond[2] > 0:
+            val = runs[seed]["validation_nll"]
             if cond not in best or statistics.fmean(val) < statistics.fmean(best[cond][1]):
                 best[cond] = (name, val)
     if not best:
         return []
     lines = [
-        "## Selection seed 0 (choices only, never reported)",
+        f"## Selection seed {seed} (choices only, never reported)",
         "",
-        "Validation NLL (1,000 questions) at seed 0, paired by example with the condition's "
-        "best arm at that seed. SE: examples only; 'clear' when |gap| > 2 sqrt(SE^2 + "
-        f"{sd_seed:.4f}^2), the allowance being the largest sd(seed) of a gap measured above.",
+        f"Validation NLL (1,000 questions) at seed {seed}, paired by example with the "
+        "condition's best arm at that seed. SE: examples only; 'clear' when |gap| > 2 sqrt(SE^2 "
+        f"+ {sd_seed:.4f}^2), the allowance being the largest sd(seed) of a gap measured above.",
         "",
         "| condition | arm | validation NLL | gap to best ± SE | clear? | test acc |",
         "| --- | --- | ---: | --- | --- | ---: |",
     ]
-    for (cond, name), runs in sorted(arms.items(), key=lambda kv: (kv[0][0], _val(kv[1]))):
-        if cond not in best or 0 not in runs:
+    order = sorted(arms.items(), key=lambda kv: (kv[0][0], _val(kv[1], seed)))
+    for (cond, name), runs in order:
+        if cond not in best or seed not in runs:
             continue
-        diff = [a - b for a, b in zip(runs[0]["validation_nll"], best[cond][1], strict=True)]
+        diff = [a - b for a, b in zip(runs[seed]["validation_nll"], best[cond][1], strict=True)]
         gap, se = statistics.fmean(diff), statistics.stdev(diff) / len(diff) ** 0.5
         clear = (
             "best"
@@ -216,8 +223,8 @@ def selection_table(arms: dict[tuple, dict[int, dict]], sd_seed: float) -> list[
         )
         lines.append(
             f"| {cond[0]} {cond[1]} steps r_eq {cond[2]} | {name} "
-            f"| {statistics.fmean(runs[0]['validation_nll']):.4f} | {gap:+.4f} ± {se:.4f} "
-            f"| {clear} | {_test_acc(runs[0])} |"
+            f"| {statistics.fmean(runs[seed]['validation_nll']):.4f} | {gap:+.4f} ± {se:.4f} "
+            f"| {clear} | {_test_acc(runs[seed])} |"
         )
     return lines + [""]
 
@@ -228,5 +235,5 @@ def _test_acc(result: dict) -> str:
     return f"{100 * result['test']:.1f}" if "test" in result else "-"
 
 
-def _val(runs: dict[int, dict]) -> float:
-    return statistics.fmean(runs[0]["validation_nll"]) if 0 in runs else float("inf")
+def _val(runs: dict[int, dict], seed: int) -> float:
+    return statistics.fmean(runs[seed]["validation_nll"]) if seed in runs else float("inf")

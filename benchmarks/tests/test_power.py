@@ -116,8 +116,15 @@ def test_pilot_report_ranks_selection_seed_runs_on_validation(tmp_path):
             for key in ("test", "test_nll", "test_nll_mean", "test_correct"):
                 del rec["result"][key]
         (cache / f"{method}-0.json").write_text(json.dumps(rec))
+    # the second selection seed gets its own table, ranked on its own runs
+    for method, shift in (("lora", -0.3), ("peft-shira", 0.0)):
+        rec = fake_record(method, 2, 100, [1.0] * 50, [1] * 50)
+        rec["result"]["validation_nll"] = [x + shift for x in val]
+        (cache / f"{method}-100.json").write_text(json.dumps(rec))
     (path,) = write_pilot_report([cache], tmp_path / "out", "cmd")
-    rows = path.read_text().split("## Selection seed 0")[1].splitlines()
+    text = path.read_text()
+    seed0, seed100 = text.split("## Selection seed 0")[1].split("## Selection seed 100")
+    rows = seed0.splitlines()
     table = [r for r in rows if r.startswith("| arithmetic")]
     assert [r.split(" | ")[1] for r in table] == [
         "peft-shira lr=0.001", "sparse-random lr=0.001", "lora lr=0.001",
@@ -126,6 +133,10 @@ def test_pilot_report_ranks_selection_seed_runs_on_validation(tmp_path):
     assert table[1].endswith("| - |")  # its test accuracy was never scored
     # 0.1 nats behind is clear at one seed; 0.002 is not (no seed-noise pairs: allowance 0)
     assert table[2].split(" | ")[4] == "yes" and table[1].split(" | ")[4] == "no"
+    table = [r for r in seed100.splitlines() if r.startswith("| arithmetic")]
+    assert [r.split(" | ")[1] for r in table] == ["lora lr=0.001", "peft-shira lr=0.001"]
+    assert table[1].split(" | ")[3] == "+0.3000 ± 0.0000"
+    assert "seeds | NLL gap" in text and "| 100 |" not in text.split("## Selection")[0]
 
 
 def test_nested_gap_counts_fold_to_fold_spread():
