@@ -76,6 +76,18 @@ def sampled_support(weights: torch.Tensor, k: int, generator: torch.Generator) -
     return (weights.log() + gumbel).float()
 
 
+def _probe_inputs(model: nn.Module, variant: dict, method: str):
+    """What a probing builder measures: the adapted layers by name, the run's training stream
+    (the harness's `probe_batches`) and how many micro-batches (`mask_batches`, default 8)."""
+    from .methods import adapted_linears
+
+    if "probe_batches" not in variant:
+        raise ValueError(f"{method} needs the run's training batches (probe_batches)")
+    linear = set(adapted_linears(model))
+    layers = {n: m for n, m in model.named_modules() if m in linear}
+    return layers, variant["probe_batches"](), int(variant.get("mask_batches", 8))
+
+
 def build_sparse_sampled(names: tuple[str, ...]) -> Callable:
     """The `sparse-sampled` builder: ShiRA's r (m + n) entries per layer, drawn at random with
     probability in proportion to each entry's mean |g| over the run's first `mask_batches`
@@ -84,14 +96,8 @@ def build_sparse_sampled(names: tuple[str, ...]) -> Callable:
     def build(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
         from spalora import SpaloraConfig, get_spalora_model
 
-        from .methods import adapted_linears
-
-        if "probe_batches" not in variant:
-            raise ValueError("sparse-sampled needs the run's training batches (probe_batches)")
-        linear = set(adapted_linears(model))
-        layers = {n: m for n, m in model.named_modules() if m in linear}
-        n = int(variant.get("mask_batches", 8))
-        weights = entry_gradient_mean(model, layers, variant["probe_batches"](), n)
+        layers, batches, n = _probe_inputs(model, variant, "sparse-sampled")
+        weights = entry_gradient_mean(model, layers, batches, n)
         generator = torch.Generator().manual_seed(int(variant.get("seed", 0)))
 
         def draw(name: str, weight: torch.Tensor, k: int) -> torch.Tensor:
@@ -117,14 +123,10 @@ def build_sparse_credit(names: tuple[str, ...]) -> Callable:
     def build(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
         from spalora import SpaloraConfig, get_spalora_model
 
-        from .methods import adapted_linears, budget_params
+        from .methods import budget_params
 
-        if "probe_batches" not in variant:
-            raise ValueError("sparse-credit needs the run's training batches (probe_batches)")
-        linear = set(adapted_linears(model))
-        layers = {n: m for n, m in model.named_modules() if m in linear}
-        n = int(variant.get("mask_batches", 8))
-        mass = layer_gradient_mass(model, layers, variant["probe_batches"](), n)
+        layers, batches, n = _probe_inputs(model, variant, "sparse-credit")
+        mass = layer_gradient_mass(model, layers, batches, n)
         shapes = [LayerShape(name, m.out_features, m.in_features) for name, m in layers.items()]
         counts = credit_spread(shapes, budget_params(model, r_eq), mass)
         cfg = SpaloraConfig(
