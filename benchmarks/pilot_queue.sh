@@ -17,6 +17,7 @@
 #   setsid nohup benchmarks/pilot_queue.sh allocation &   # spreads over layers, then admission-r1
 #   setsid nohup benchmarks/pilot_queue.sh allocation-100 &  # the same at selection seed 100
 #   setsid nohup benchmarks/pilot_queue.sh split-rates &  # the split, each part at its own rate
+#   setsid nohup benchmarks/pilot_queue.sh doubling &     # ShiRA at r_eq 4: does the budget bind?
 #
 # SPALORA_CACHE_ROOT moves the caches (default benchmarks/cache); logs: runs/queues/pilot-NAME.*
 set -uo pipefail
@@ -145,9 +146,12 @@ case $name in
     run v2 lora 1 3e-3 0
     run v2 lora 1 1e-2 0
     run v2 lora 1 1e-3 0 ;;
+  doubling)  # admission's second reference (docs/benchmarks.md): does the best peer gain 3
+    # targets from twice the budget? ShiRA at r_eq 4 at its r_eq 2 rate, the reported seeds 1-2
+    for seed in 1 2; do run v2 peft-shira 4 1e-2 "$seed"; done ;;
   revision)  # issue 25's candidate for revision 4 (spalora-gradual, S at 10x LoRA's rate) at
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100 | split-rates)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100 | split-rates | doubling)" >&2; exit 2 ;;
 esac
