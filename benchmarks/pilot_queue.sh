@@ -137,21 +137,24 @@ case $name in
   split-rates)  # issue 25: the oracle's split with each part at its own chosen rate (LoRA at
     # 3e-3, S at 1e-2, ShiRA's spread) and entries drawn by their step-0 |g| (sparse-sampled),
     # paired at both selection seeds with LoRA at 3e-3 and ShiRA's spread alone; then LoRA's
-    # rate at r_eq 1 (the admission pair ran it at 1e-3)
+    # rate at r_eq 1
     run v2 split-random-lora 2 3e-3 0 rank_fraction=0.5
     run v2 sparse-sampled 2 1e-2 0
     run v2 split-random-lora 2 3e-3 100 rank_fraction=0.5
     run v2 sparse-sampled 2 1e-2 100
     run v2 peft-lora 2 3e-3 100
+    "$0" lora-r1 ;;
+  doubling)  # admission's second reference (docs/benchmarks.md): does the best peer gain 3
+    # targets from twice the budget? ShiRA at r_eq 4 at its r_eq 2 rate, the reported seeds 1-2
+    for seed in 1 2; do run v2 peft-shira 4 1e-2 "$seed"; done
+    "$0" lora-r1 ;;
+  lora-r1)  # LoRA's rate at r_eq 1 on the selection seed (the admission pair ran it at 1e-3)
     run v2 lora 1 3e-3 0
     run v2 lora 1 1e-2 0
     run v2 lora 1 1e-3 0 ;;
-  doubling)  # admission's second reference (docs/benchmarks.md): does the best peer gain 3
-    # targets from twice the budget? ShiRA at r_eq 4 at its r_eq 2 rate, the reported seeds 1-2
-    for seed in 1 2; do run v2 peft-shira 4 1e-2 "$seed"; done ;;
   revision)  # issue 25's candidate for revision 4 (spalora-gradual, S at 10x LoRA's rate) at
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100 | split-rates | doubling)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100 | split-rates | doubling | lora-r1)" >&2; exit 2 ;;
 esac
