@@ -36,6 +36,9 @@ def credit_run(
     from spalora.hub import load_model_and_tokenizer
     from spalora.train import train
 
+    if early and steps <= early:
+        raise ValueError(f"--early {early} needs more than {early} steps, got --steps {steps}")
+
     profile = PROFILES["v2"]
     spec = RunSpec(method, (), lr, seed, "arithmetic", r_eq, profile, "smollm2-135m")
     model, tokenizer = load_model_and_tokenizer(spec.model)
@@ -59,6 +62,8 @@ def credit_run(
                 before[n] = (p.detach().clone(), p.grad.detach().clone())
 
     def post(opt, args, kwargs):
+        if not before:  # a step that moved no entry (a warm-up, a mask collection) counts not
+            return
         for n, p in values.items():
             if n in before and before[n][0].shape == p.shape:
                 old, g = before[n]
@@ -84,6 +89,8 @@ def credit_run(
         n: (credit[n].numel(), float(credit[n].sum()), float(values[n].detach().abs().sum()))
         for n in values
     }
+    if early and any(not bool(g.any()) for g in grad0.values()):
+        raise ValueError("an entry tensor took no gradient in the early steps: nothing to rank")
     return sums | ({"early": {n: (grad0[n], late[n]) for n in values}} if early else {})
 
 
@@ -97,8 +104,9 @@ def decile_table(early: dict, bins: int = 10) -> str:
     for g, c in early.values():
         rank = g.flatten().argsort().argsort().double() / g.numel()
         b = (rank * bins).long().clamp(max=bins - 1)
-        got.index_add_(0, b, c.flatten())
-        count.index_add_(0, b, torch.ones_like(c.flatten()))
+        c = c.flatten().double()
+        got.index_add_(0, b, c)
+        count.index_add_(0, b, torch.ones_like(c))
     rate = (got / got.sum()) / (count / count.sum())
     lines = ["| early |g| bin (within layer) | share of later credit | per entry (x mean) |"]
     lines.append("| --- | ---: | ---: |")

@@ -23,15 +23,20 @@ from torch import nn
 from spalora.budget import LayerShape, allocate_nnz_by_weight
 
 
-def entry_gradient_mean(
-    model: nn.Module, layers: dict[str, nn.Linear], batches: Iterator[dict], n: int
+def _mean_abs_gradient(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    batches: Iterator[dict],
+    n: int,
+    per_entry: bool,
 ) -> dict[str, torch.Tensor]:
-    """{layer: |dL/dW| per entry, averaged over n micro-batches (float64)}, at the model as it
-    is, on its device (no parameter changes; only the probed weights take gradients, and every
-    flag, the mode and the gradients are as before afterwards)."""
+    """{layer: |dL/dW| averaged over n micro-batches (float64), per entry or summed over the
+    layer}, at the model as it is, on its device (no parameter changes; only the probed weights
+    take gradients, and every flag, the mode and the gradients are as before afterwards)."""
     params = list(model.parameters())
     was = [p.requires_grad for p in params]
-    mean = {name: torch.zeros(m.weight.shape, dtype=torch.float64) for name, m in layers.items()}
+    shape = {name: m.weight.shape if per_entry else () for name, m in layers.items()}
+    mean = {name: torch.zeros(shape[name], dtype=torch.float64) for name in layers}
     training = model.training
     device = params[0].device
     model.train()
@@ -45,7 +50,8 @@ def entry_gradient_mean(
             batch = {k: v.to(device) for k, v in next(batches).items()}
             model(**batch).loss.backward()
             for name, m in layers.items():
-                mean[name] += m.weight.grad.detach().abs().double().cpu() / n
+                g = m.weight.grad.detach().abs().double()
+                mean[name] += (g if per_entry else g.sum()).cpu() / n
     finally:
         model.zero_grad(set_to_none=True)
         for p, flag in zip(params, was, strict=True):
@@ -54,11 +60,19 @@ def entry_gradient_mean(
     return mean
 
 
+def entry_gradient_mean(
+    model: nn.Module, layers: dict[str, nn.Linear], batches: Iterator[dict], n: int
+) -> dict[str, torch.Tensor]:
+    """{layer: |dL/dW| per entry, averaged over n micro-batches (float64)}."""
+    return _mean_abs_gradient(model, layers, batches, n, per_entry=True)
+
+
 def layer_gradient_mass(
     model: nn.Module, layers: dict[str, nn.Linear], batches: Iterator[dict], n: int
 ) -> dict[str, float]:
     """{layer: sum over its weight's entries of |dL/dW|, averaged over n micro-batches}."""
-    return {k: float(v.sum()) for k, v in entry_gradient_mean(model, layers, batches, n).items()}
+    mass = _mean_abs_gradient(model, layers, batches, n, per_entry=False)
+    return {k: float(v) for k, v in mass.items()}
 
 
 def credit_spread(shapes: list[LayerShape], total: int, mass: dict[str, float]) -> list[int]:
@@ -101,7 +115,12 @@ def build_sparse_sampled(names: tuple[str, ...]) -> Callable:
         generator = torch.Generator().manual_seed(int(variant.get("seed", 0)))
 
         def draw(name: str, weight: torch.Tensor, k: int) -> torch.Tensor:
-            (probe,) = [w for layer, w in weights.items() if name.endswith(layer)]
+            # each layer's probe is used once: popped, so the closure (kept in the config for
+            # the whole run) does not hold a float64 copy of every weight
+            (layer,) = [n for n in weights if name == n or name.endswith("." + n)]
+            probe = weights.pop(layer)
+            if probe.shape != weight.shape:
+                raise ValueError(f"{name}: probe {tuple(probe.shape)} != {tuple(weight.shape)}")
             return sampled_support(probe, k, generator)
 
         cfg = SpaloraConfig(

@@ -139,3 +139,25 @@ def test_share_table_reports_shares_and_per_entry_ratios():
     text = share_table(result, sixth, "depth", ("credit", "|s|"))
     assert "| blocks 0-4 | 0.250 | 0.250 | 1.00 | 0.500 | 2.00 |" in text
     assert "| blocks 25-29 | 0.750 | 0.750 | 1.00 | 0.500 | 0.67 |" in text
+
+
+def test_decile_table_ranks_within_each_layer():
+    from benchmarks.path_credit import decile_table
+
+    # layer a: credit grows with the early |g|; layer b: 100x larger gradients, flat credit.
+    # Ranked within each layer, b's scale cannot put its entries in the top bins.
+    g = torch.arange(1, 101, dtype=torch.float64)
+    early = {"a": (g, g.clone()), "b": (100 * g.flip(0), torch.full((100,), 50.5))}
+    table = [
+        [c.strip() for c in r.strip("|").split("|")] for r in decile_table(early, 2).split("\n")
+    ]
+    per_entry = {row[0]: float(row[2]) for row in table if row[0].endswith("of 2")}
+    # a's lower half earns 25.5 each, its upper half 75.5; b's 50.5 in both: (76, 126) / 101
+    assert per_entry == {"1 of 2": 0.75, "2 of 2": 1.25}
+
+
+def test_early_credit_needs_steps_after_the_early_ones():
+    from benchmarks.path_credit import credit_run
+
+    with pytest.raises(ValueError, match="needs more than 8 steps"):
+        credit_run("sparse-random", 1e-2, 0, steps=8, early=8)
