@@ -20,6 +20,7 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # Starting grids, points a factor ~3 apart; the harness extends a grid past its edge whenever the
 # choice lands there (accuracy.next_lr), so every method's rate ends up inside its grid.
 ADAPTER_LRS = (1e-3, 3e-3, 1e-2)
+EVA_MAX_BATCHES = 32  # EVA stops once its components settle; at most this many micro-batches
 ROSA_SPARSE_LR_RATIO = 2e-4 / 7e-4
 FFT_LRS = (1e-5, 3e-5, 1e-4, 3e-4)
 
@@ -194,6 +195,30 @@ def _peft_lora(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
     return get_peft_model(model, cfg)
 
 
+def _peft_lora_eva(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
+    """PEFT LoRA with EVA's data-driven start (A from the top right-singular vectors of each
+    layer's inputs on the run's first micro-batches, B zero, so the model starts unchanged);
+    rho = 1 keeps r = r_eq on every layer, so the budget is LoRA's exactly."""
+    import itertools
+
+    from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
+
+    if "probe_batches" not in variant:
+        raise ValueError("peft-lora-eva needs the run's training batches (probe_batches)")
+    cfg = LoraConfig(
+        r=r_eq,
+        lora_alpha=2 * r_eq,
+        lora_dropout=0.0,
+        target_modules=list(LINEAR_NAMES),
+        init_lora_weights="eva",
+        eva_config=EvaConfig(rho=1.0),
+    )
+    peft_model = get_peft_model(model, cfg)
+    batches = itertools.islice(variant["probe_batches"](), EVA_MAX_BATCHES)
+    initialize_lora_eva_weights(peft_model, list(batches), show_progress_bar=False)
+    return peft_model
+
+
 def _peft_shira(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
     from peft import ShiraConfig, get_peft_model
 
@@ -301,6 +326,13 @@ METHODS: dict[str, Method] = {
             description="our RoSA: LoRA warm-up, Fisher mask, joint; rank fraction on validation",
         ),
         Method("peft-lora", _peft_lora, description="PEFT LoraConfig(r=r_eq)"),
+        # Issue 25, direction 6 (a data-driven start for the low-rank part), as PEFT ships it
+        Method(
+            "peft-lora-eva",
+            _peft_lora_eva,
+            description="pilot: PEFT LoRA(r=r_eq) with EVA's start (rho 1: LoRA's budget)",
+            compare_with=("peft-lora",),
+        ),
         Method("peft-shira", _peft_shira, description="PEFT ShiraConfig(r=r_eq), random mask"),
         Method(
             "peft-supra",

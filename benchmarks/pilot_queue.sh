@@ -17,6 +17,7 @@
 #   setsid nohup benchmarks/pilot_queue.sh allocation &   # spreads over layers, then admission-r1
 #   setsid nohup benchmarks/pilot_queue.sh allocation-100 &  # the same at selection seed 100
 #   setsid nohup benchmarks/pilot_queue.sh split-rates &  # the split, each part at its own rate
+#   setsid nohup benchmarks/pilot_queue.sh eva &          # PEFT LoRA with EVA's start
 #   setsid nohup benchmarks/pilot_queue.sh doubling &     # ShiRA at r_eq 4: does the budget bind?
 #
 # SPALORA_CACHE_ROOT moves the caches (default benchmarks/cache); logs: runs/queues/pilot-NAME.*
@@ -150,6 +151,11 @@ case $name in
     run v2 sparse-sampled 2 3e-3 0
     run v2 peft-lora 2 3e-3 100
     "$0" doubling ;;
+  eva)  # issue 25, direction 6: does a data-driven start (PEFT's EVA) speed LoRA up at its
+    # chosen rate? Paired with PEFT LoRA at both selection seeds; then the doubling runs
+    run v2 peft-lora-eva 2 3e-3 0
+    run v2 peft-lora-eva 2 3e-3 100
+    "$0" doubling ;;
   doubling)  # admission's second reference (docs/benchmarks.md): does the best peer gain 3
     # targets from twice the budget? ShiRA at r_eq 4 at its r_eq 2 rate, the reported seeds 1-2
     for seed in 1 2; do run v2 peft-shira 4 1e-2 "$seed"; done
@@ -162,5 +168,5 @@ case $name in
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100 | split-rates | split-rates-2 | doubling | lora-r1)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100 | split-rates | split-rates-2 | eva | doubling | lora-r1)" >&2; exit 2 ;;
 esac

@@ -54,7 +54,7 @@ def test_every_method_stays_within_the_budget(method, r_eq):
         options = {"rank_fraction": fraction, "seed": 0, "probe_batches": token_batches}
         built = build_method(method, tiny_llama(), r_eq, options)
         n = trainable_params(built)
-        exact = ("lora", "sparse", "rosa", "peft-lora", "peft-shira")
+        exact = ("lora", "sparse", "rosa", "peft-lora", "peft-lora-eva", "peft-shira")
         if method in exact or method.startswith(("sparse", "split-random")):
             assert n == budget, fraction  # these land exactly on P
         elif method == "peft-supra":  # rank plus one global sparsity, floored per layer
@@ -596,3 +596,22 @@ def test_ablations_share_our_rate_and_revision_except_where_they_name_it():
     for name, ratio in (("spalora-random-fullrate", 1.0), ("spalora-random", 2 / 7)):
         spec = accuracy.RunSpec(name, (), 1e-2, 0, "toy", 2, accuracy.PROFILES["full"], "tiny")
         assert spec.train_config().sparse_lr == pytest.approx(1e-2 * ratio)
+
+
+def test_peft_lora_eva_starts_from_the_data_unchanged_and_refuses_without_it():
+    pytest.importorskip("peft")
+    base = tiny_llama()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    model = build_method("peft-lora-eva", base, 2, {"seed": 0, "probe_batches": token_batches})
+    a = [p for n, p in model.named_parameters() if "lora_A" in n]
+    b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert len(a) == len(b) == 14
+    for p in a:  # EVA's A: orthonormal rows (singular vectors), never Kaiming's random draw
+        assert torch.allclose(p @ p.T, torch.eye(2), atol=1e-5)
+    assert all(not p.any() for p in b)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-6)  # starts unchanged
+    with pytest.raises(ValueError, match="needs the run's training batches"):
+        build_method("peft-lora-eva", tiny_llama(), 2, {"seed": 0})
