@@ -17,8 +17,10 @@
 #   setsid nohup benchmarks/pilot_queue.sh allocation &   # spreads over layers, then admission-r1
 #   setsid nohup benchmarks/pilot_queue.sh allocation-100 &  # the same at selection seed 100
 #   setsid nohup benchmarks/pilot_queue.sh split-rates &  # the split, each part at its own rate
+#   setsid nohup benchmarks/pilot_queue.sh split-rates-2 &  # sparse-sampled at 3e-3, LoRA at 100
 #   setsid nohup benchmarks/pilot_queue.sh eva &          # PEFT LoRA with EVA's start
 #   setsid nohup benchmarks/pilot_queue.sh doubling &     # ShiRA at r_eq 4: does the budget bind?
+#   setsid nohup benchmarks/pilot_queue.sh lora-r1 &      # LoRA's rate at r_eq 1 (selection seed)
 #
 # SPALORA_CACHE_ROOT moves the caches (default benchmarks/cache); logs: runs/queues/pilot-NAME.*
 set -uo pipefail
