@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .spread import build_sparse_credit, build_sparse_sampled
+from .spread import build_sparse_credit, build_sparse_sampled, probe_stream
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Starting grids, points a factor ~3 apart; the harness extends a grid past its edge whenever the
@@ -186,13 +186,19 @@ def _full(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
     return model
 
 
-def _peft_lora(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+def _peft_lora_config(r_eq: int, **init):
+    """PEFT LoRA at the budget, as the `peft-lora` peer trains it; `init` changes its start."""
+    from peft import LoraConfig
 
-    cfg = LoraConfig(
-        r=r_eq, lora_alpha=2 * r_eq, lora_dropout=0.0, target_modules=list(LINEAR_NAMES)
+    return LoraConfig(
+        r=r_eq, lora_alpha=2 * r_eq, lora_dropout=0.0, target_modules=list(LINEAR_NAMES), **init
     )
-    return get_peft_model(model, cfg)
+
+
+def _peft_lora(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
+    from peft import get_peft_model
+
+    return get_peft_model(model, _peft_lora_config(r_eq))
 
 
 def _peft_lora_eva(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
@@ -201,21 +207,13 @@ def _peft_lora_eva(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
     rho = 1 keeps r = r_eq on every layer, so the budget is LoRA's exactly."""
     import itertools
 
-    from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
+    from peft import EvaConfig, get_peft_model, initialize_lora_eva_weights
 
-    if "probe_batches" not in variant:
-        raise ValueError("peft-lora-eva needs the run's training batches (probe_batches)")
-    cfg = LoraConfig(
-        r=r_eq,
-        lora_alpha=2 * r_eq,
-        lora_dropout=0.0,
-        target_modules=list(LINEAR_NAMES),
-        init_lora_weights="eva",
-        eva_config=EvaConfig(rho=1.0),
-    )
+    stream = probe_stream(variant, "peft-lora-eva")
+    cfg = _peft_lora_config(r_eq, init_lora_weights="eva", eva_config=EvaConfig(rho=1.0))
     peft_model = get_peft_model(model, cfg)
-    batches = itertools.islice(variant["probe_batches"](), EVA_MAX_BATCHES)
-    initialize_lora_eva_weights(peft_model, list(batches), show_progress_bar=False)
+    batches = list(itertools.islice(stream, EVA_MAX_BATCHES))
+    initialize_lora_eva_weights(peft_model, batches, show_progress_bar=False)
     return peft_model
 
 

@@ -90,16 +90,23 @@ def sampled_support(weights: torch.Tensor, k: int, generator: torch.Generator) -
     return (weights.log() + gumbel).float()
 
 
-def _probe_inputs(model: nn.Module, variant: dict, method: str):
-    """What a probing builder measures: the adapted layers by name, the run's training stream
-    (the harness's `probe_batches`) and how many micro-batches (`mask_batches`, default 8)."""
-    from .methods import adapted_linears
-
+def probe_stream(variant: dict, method: str) -> Iterator[dict]:
+    """The run's training micro-batches from its start (the harness's `probe_batches`), for a
+    builder that looks at data before training; refused in one line where there are none."""
     if "probe_batches" not in variant:
         raise ValueError(f"{method} needs the run's training batches (probe_batches)")
+    return variant["probe_batches"]()
+
+
+def _probe_inputs(model: nn.Module, variant: dict, method: str):
+    """What a probing builder measures: the adapted layers by name, the run's training stream
+    and how many micro-batches (`mask_batches`, default 8)."""
+    from .methods import adapted_linears
+
+    stream = probe_stream(variant, method)
     linear = set(adapted_linears(model))
     layers = {n: m for n, m in model.named_modules() if m in linear}
-    return layers, variant["probe_batches"](), int(variant.get("mask_batches", 8))
+    return layers, stream, int(variant.get("mask_batches", 8))
 
 
 def build_sparse_sampled(names: tuple[str, ...]) -> Callable:
