@@ -217,6 +217,29 @@ def _peft_lora_eva(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
     return peft_model
 
 
+def _peft_lora_ga(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
+    """PEFT LoRA with LoRA-GA's start (A, B from the top 2r singular vectors of each layer's
+    mean gradient over the run's first `mask_batches` micro-batches, B A subtracted from the
+    frozen weight, so the model starts unchanged and B A's first step follows full fine-tuning's).
+    PEFT's defaults: ArB2r directions, "stable" scale with gamma 16."""
+    import itertools
+
+    from peft import LoraGAConfig, get_peft_model
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    stream = probe_stream(variant, "peft-lora-ga")
+    batches = list(itertools.islice(stream, int(variant.get("mask_batches", 8))))
+    cfg = _peft_lora_config(r_eq, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+    device = next(model.parameters()).device
+
+    def train_step() -> None:  # PEFT averages the summed gradient over the backward calls
+        for batch in batches:
+            model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+
+    preprocess_loraga(model, cfg, train_step)
+    return get_peft_model(model, cfg)
+
+
 def _peft_shira(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
     from peft import ShiraConfig, get_peft_model
 
@@ -329,6 +352,12 @@ METHODS: dict[str, Method] = {
             "peft-lora-eva",
             _peft_lora_eva,
             description="pilot: PEFT LoRA(r=r_eq) with EVA's start (rho 1: LoRA's budget)",
+            compare_with=("peft-lora",),
+        ),
+        Method(
+            "peft-lora-ga",
+            _peft_lora_ga,
+            description="pilot: PEFT LoRA(r=r_eq) with LoRA-GA's gradient start",
             compare_with=("peft-lora",),
         ),
         Method("peft-shira", _peft_shira, description="PEFT ShiraConfig(r=r_eq), random mask"),

@@ -2,6 +2,7 @@
 same budget, runs are cached by configuration, tables are rebuilt from the cache."""
 
 import csv
+import itertools
 import json
 import math
 from pathlib import Path
@@ -54,7 +55,8 @@ def test_every_method_stays_within_the_budget(method, r_eq):
         options = {"rank_fraction": fraction, "seed": 0, "probe_batches": token_batches}
         built = build_method(method, tiny_llama(), r_eq, options)
         n = trainable_params(built)
-        exact = ("lora", "sparse", "rosa", "peft-lora", "peft-lora-eva", "peft-shira")
+        exact = ("lora", "sparse", "rosa", "peft-lora", "peft-lora-eva", "peft-lora-ga")
+        exact += ("peft-shira",)
         if method in exact or method.startswith(("sparse", "split-random")):
             assert n == budget, fraction  # these land exactly on P
         elif method == "peft-supra":  # rank plus one global sparsity, floored per layer
@@ -615,3 +617,29 @@ def test_peft_lora_eva_starts_from_the_data_unchanged_and_refuses_without_it():
         assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-6)  # starts unchanged
     with pytest.raises(ValueError, match="needs the run's training batches"):
         build_method("peft-lora-eva", tiny_llama(), 2, {"seed": 0})
+
+
+def test_peft_lora_ga_starts_unchanged_along_the_mean_gradient_and_refuses_without_data():
+    pytest.importorskip("peft")
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(5))
+    reference = tiny_llama()
+    with torch.no_grad():
+        want = reference(input_ids=ids).logits
+    for batch in itertools.islice(token_batches(), 8):  # the mean gradient LoRA-GA starts from
+        reference(**batch).loss.backward()
+    grad = reference.model.layers[0].self_attn.q_proj.weight.grad.double() / 8
+    model = build_method(
+        "peft-lora-ga", tiny_llama(), 2, {"seed": 0, "probe_batches": token_batches}
+    )
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5)  # starts unchanged
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    a = layer.lora_A["default"].weight.double()
+    assert torch.allclose(a @ a.T, torch.eye(2, dtype=a.dtype), atol=1e-5)
+    # ArB2r: A's rows span the gradient's top-2 right singular directions (cosines of the
+    # principal angles all 1), where a random start would span an unrelated plane
+    top = torch.linalg.svd(grad).Vh[:2]
+    assert torch.allclose(torch.linalg.svdvals(a @ top.T), torch.ones(2, dtype=a.dtype), atol=1e-3)
+    assert layer.lora_B["default"].weight.abs().sum() > 0  # and B is not zero
+    with pytest.raises(ValueError, match="needs the run's training batches"):
+        build_method("peft-lora-ga", tiny_llama(), 2, {"seed": 0})
