@@ -7,6 +7,8 @@
 #   setsid nohup benchmarks/pilot_queue.sh admission &    # fft vs lora at r_eq 1 and 2, 150 / 600 steps
 #   setsid nohup benchmarks/pilot_queue.sh admission-r1 & # ShiRA vs LoRA at r_eq 1, seeds 1-2
 #   setsid nohup benchmarks/pilot_queue.sh peers &        # the peer queue: arithmetic, r_eq 2, 150 steps
+#   setsid nohup benchmarks/pilot_queue.sh peers-a &      # the same, split over two cores: fft, lora
+#   setsid nohup benchmarks/pilot_queue.sh peers-b &      # sparse-random, peft-supra, peft-shira
 #   setsid nohup benchmarks/pilot_queue.sh oracle &       # issue 25's split pilot, selection seed 0
 #   setsid nohup benchmarks/pilot_queue.sh revision &     # issue 25's candidate, selection seed 0
 #   setsid nohup benchmarks/pilot_queue.sh revision-ablation &  # its rank part off; split at 3e-3
@@ -66,6 +68,13 @@ case $name in
     $PY -m benchmarks v2 --tasks arithmetic --budgets 2 --seeds 5 --no-progress \
       --methods rosa,peft-lora,sparse-random,peft-supra,fft,lora,peft-shira \
       --cache "$root/accuracy-v2" --out runs/queues/peers-report >> "$log.log" 2>> "$log.err"
+    echo "$(date -u +%FT%TZ) exit $?" >> "$log.log" ;;
+  peers-a|peers-b)  # the peer queue split in two disjoint halves, one per core (the cache is
+    # one file per run, so two processes on disjoint methods never touch the same run)
+    if [ "$name" = peers-a ]; then methods=fft,lora; else methods=sparse-random,peft-supra,peft-shira; fi
+    echo "$(date -u +%FT%TZ) start $name" >> "$log.log"
+    $PY -m benchmarks v2 --tasks arithmetic --budgets 2 --seeds 5 --no-progress --methods "$methods" \
+      --cache "$root/accuracy-v2" --out "runs/queues/$name-report" >> "$log.log" 2>> "$log.err"
     echo "$(date -u +%FT%TZ) exit $?" >> "$log.log" ;;
   admission)  # does full fine-tuning beat LoRA by 3x the target effect? 150 and 600 steps
     for seed in 1 2; do
@@ -182,5 +191,5 @@ case $name in
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100 | split-rates | split-rates-2 | eva | doubling | lora-r1 | best-r1 | lora-ga)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100 | split-rates | split-rates-2 | eva | doubling | lora-r1 | best-r1 | lora-ga | peers-a | peers-b)" >&2; exit 2 ;;
 esac
