@@ -99,6 +99,38 @@ def test_pilot_report_pairs_arms_and_puts_fft_first(tmp_path):
     assert "Selection seed 0" not in text  # no seed-0 runs: no selection table
 
 
+def test_pilot_report_pairs_each_budget_with_twice_it(tmp_path):
+    import json
+
+    from benchmarks.pilot import write_pilot_report
+
+    gen = torch.Generator().manual_seed(1)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    arms = (
+        ("peft-shira", 1, 0.30), ("peft-shira", 2, 0.10), ("lora", 2, 0.05),
+        ("peft-shira", 4, 0.0), ("spalora", 4, -0.5), ("fft", 0, -0.6),
+    )  # fmt: skip
+    for seed in (1, 2):
+        base = (torch.rand(40, generator=gen) + 1).tolist()
+        for method, r_eq, shift in arms:
+            nll = [x + shift for x in base]
+            rec = fake_record(method, r_eq, seed, nll, [int(x < 1.5) for x in nll])
+            (cache / f"{method}-{r_eq}-{seed}.json").write_text(json.dumps(rec))
+    text = (write_pilot_report([cache], tmp_path / "out", "cmd")[0]).read_text()
+    table = text.split("## Twice the budget")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| arithmetic")]
+    # 1 vs 2: shira against shira and lora; 2 vs 4: both against shira; never ours, never fft,
+    # never 1 vs 4
+    assert len(rows) == 4 and "spalora" not in table and "fft" not in table
+    best = (
+        "| arithmetic 150 steps r_eq 1 vs 2 (best vs best) | peft-shira lr=0.001 | lora lr=0.001 |"
+    )
+    assert best + " 2 | +0.2500 ± 0.0000 |" in text
+    assert "r_eq 2 vs 4 (best vs best) | lora lr=0.001 | peft-shira lr=0.001 | 2 | +0.0500" in text
+    assert "r_eq 2 vs 4 | peft-shira lr=0.001 | peft-shira lr=0.001 | 2 | +0.1000" in text
+
+
 def test_pilot_report_ranks_selection_seed_runs_on_validation(tmp_path):
     import json
 
