@@ -151,6 +151,7 @@ class RunSpec:
             batch_size=p.batch_size,
             lora_lr=self.lr,
             sparse_lr=self.lr * METHODS[self.method].sparse_lr_ratio,
+            lora_b_lr_ratio=METHODS[self.method].lora_b_lr_ratio,
             max_length=p.max_length,
             seed=self.seed,
             progress=False,

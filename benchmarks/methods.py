@@ -43,6 +43,8 @@ class Method:
     # 2e-4 against LoRA's 7e-4, and at LoRA's rate S destabilises training once the mask is set.
     # Sparse-only keeps the grid's rate: S is all it trains.
     sparse_lr_ratio: float = 1.0
+    # LoRA+: the B factors' rate as a multiple of the grid's (TrainConfig.lora_b_lr_ratio).
+    lora_b_lr_ratio: float = 1.0
     # Controls: methods this one is paired with in the report, besides our method.
     compare_with: tuple[str, ...] = ()
 
@@ -358,6 +360,14 @@ METHODS: dict[str, Method] = {
             "peft-lora-ga",
             _peft_lora_ga,
             description="pilot: PEFT LoRA(r=r_eq) with LoRA-GA's gradient start",
+            compare_with=("peft-lora",),
+        ),
+        Method(
+            "peft-loraplus",
+            _peft_lora,
+            lr_grid=(3e-4, 1e-3, 3e-3),
+            lora_b_lr_ratio=16.0,
+            description="pilot: PEFT LoRA(r=r_eq) trained as LoRA+ (B at 16x A's rate)",
             compare_with=("peft-lora",),
         ),
         Method("peft-shira", _peft_shira, description="PEFT ShiraConfig(r=r_eq), random mask"),

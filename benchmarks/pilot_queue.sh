@@ -24,6 +24,7 @@
 #   setsid nohup benchmarks/pilot_queue.sh doubling &     # ShiRA at r_eq 4: does the budget bind?
 #   setsid nohup benchmarks/pilot_queue.sh lora-r1 &      # LoRA's rate at r_eq 1 (selection seed)
 #   setsid nohup benchmarks/pilot_queue.sh lora-ga &      # PEFT LoRA with LoRA-GA's start
+#   setsid nohup benchmarks/pilot_queue.sh loraplus &     # PEFT LoRA trained as LoRA+
 #   setsid nohup benchmarks/pilot_queue.sh best-r1 &      # the best peer at r_eq 1, then the peers
 #
 # SPALORA_CACHE_ROOT moves the caches (default benchmarks/cache); logs: runs/queues/pilot-NAME.*
@@ -181,6 +182,10 @@ case $name in
     # at selection seed 0, its rate not assumed to be LoRA's
     run v2 peft-lora-ga 2 3e-3 0
     run v2 peft-lora-ga 2 1e-3 0 ;;
+  loraplus)  # issue 25, the rates: LoRA+ (B at 16x A's rate) at selection seed 0, paired with
+    # PEFT LoRA at 3e-3 (docs/results/README.md)
+    run v2 peft-loraplus 2 1e-3 0
+    run v2 peft-loraplus 2 3e-4 0 ;;
   best-r1)  # admission at r_eq 1 against the best peer at r_eq 2 (docs/benchmarks.md): LoRA at
     # its r_eq 1 selection rate on reported seeds 1-2, ShiRA's r_eq 1 grid around 1e-2; then peers
     for seed in 1 2; do run v2 lora 1 3e-3 "$seed"; done
@@ -191,5 +196,5 @@ case $name in
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100 | split-rates | split-rates-2 | eva | doubling | lora-r1 | best-r1 | lora-ga | peers-a | peers-b)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100 | split-rates | split-rates-2 | eva | doubling | lora-r1 | best-r1 | lora-ga | peers-a | peers-b | loraplus)" >&2; exit 2 ;;
 esac

@@ -317,3 +317,43 @@ def test_group_lr_scale_ramps_only_the_sparse_group():
     schedule.config.restart_after_mask = True  # the restarted run warms up everything anyway
     schedule.steps = 7
     assert schedule.group_lr_scale("sparse") == 1.0
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_loraplus_moves_b_at_its_ratio_and_a_at_the_rate(peft):
+    """LoRA+ (lora_b_lr_ratio): Adam's first step moves each B entry by its group's full rate (a
+    sign step) and leaves A still (B = 0 gives A no gradient), so B's first move is exactly the
+    ratio times plain LoRA's; our layers and PEFT's alike, the sparse values untouched."""
+
+    def first_step(ratio: float) -> tuple[dict, dict]:
+        torch.manual_seed(0)
+        if peft:
+            from peft import LoraConfig, get_peft_model
+
+            lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+            model = get_peft_model(tiny_llama(), lora)
+        else:
+            cfg = SpaloraConfig(method="rosa", r=2, density=0.05, warmup_steps=5, mask_batches=1)
+            model = get_spalora_model(tiny_llama(), cfg)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        cfg = TrainConfig(steps=1, batch_size=8, progress=False, lora_lr=1e-2, sparse_lr=1e-2)
+        cfg.lora_b_lr_ratio = ratio
+        train(model, word_tokenizer(), WORD_EXAMPLES, cfg)
+        moved = {
+            n: (p.detach() - before[n]).abs() for n, p in model.named_parameters() if n in before
+        }
+        return moved, before
+
+    plain, _ = first_step(1.0)
+    plus, before = first_step(16.0)
+    b = [n for n in plain if "lora_B" in n]
+    assert b and all(torch.allclose(plus[n], 16 * plain[n], rtol=1e-4, atol=0) for n in b)
+    assert all(plus[n].max() > 0 for n in b)
+    assert all(not plus[n].any() and not plain[n].any() for n in plain if "lora_A" in n)
+    if not peft:
+        assert all(not plus[n].any() for n in plain if "sparse_values" in n)
+
+
+def test_loraplus_ratio_must_be_positive():
+    with pytest.raises(ValueError, match=r"^lora_b_lr_ratio\b"):
+        TrainConfig(lora_b_lr_ratio=0.0)

@@ -55,7 +55,15 @@ def test_every_method_stays_within_the_budget(method, r_eq):
         options = {"rank_fraction": fraction, "seed": 0, "probe_batches": token_batches}
         built = build_method(method, tiny_llama(), r_eq, options)
         n = trainable_params(built)
-        exact = ("lora", "sparse", "rosa", "peft-lora", "peft-lora-eva", "peft-lora-ga")
+        exact = (
+            "lora",
+            "sparse",
+            "rosa",
+            "peft-lora",
+            "peft-lora-eva",
+            "peft-lora-ga",
+            "peft-loraplus",
+        )
         exact += ("peft-shira",)
         if method in exact or method.startswith(("sparse", "split-random")):
             assert n == budget, fraction  # these land exactly on P
@@ -643,3 +651,10 @@ def test_peft_lora_ga_starts_unchanged_along_the_mean_gradient_and_refuses_witho
     assert layer.lora_B["default"].weight.abs().sum() > 0  # and B is not zero
     with pytest.raises(ValueError, match="needs the run's training batches"):
         build_method("peft-lora-ga", tiny_llama(), 2, {"seed": 0})
+
+
+def test_loraplus_trains_b_at_sixteen_times_the_grid_rate_and_no_other_method_does():
+    spec = accuracy.RunSpec("peft-loraplus", (), 1e-3, 0, "toy", 2, accuracy.PROFILES["v2"], "m")
+    assert spec.train_config().lora_b_lr_ratio == 16.0 and spec.train_config().lora_lr == 1e-3
+    others = [m for m in METHODS.values() if m.name != "peft-loraplus"]
+    assert all(m.lora_b_lr_ratio == 1.0 for m in others)

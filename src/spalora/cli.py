@@ -64,6 +64,7 @@ FLAGS = {
     "grad_accum": ("train", "grad_accum"),
     "lora_lr": ("train", "lora_lr"),
     "sparse_lr": ("train", "sparse_lr"),
+    "lora_b_lr_ratio": ("train", "lora_b_lr_ratio"),
     "seed": ("train", "seed"),
     "max_length": ("train", "max_length"),
     "overlong": ("train", "overlong"),

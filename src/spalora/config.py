@@ -278,6 +278,9 @@ class TrainConfig:
     batch_size: int = option(8, "examples per micro-batch (per process when distributed)")
     lora_lr: float = option(1e-3, "learning rate of the LoRA factors")
     sparse_lr: float = option(3e-4, "learning rate of the sparse values (RoSA's ratio to LoRA's)")
+    lora_b_lr_ratio: float = option(
+        1.0, "LoRA+: the B factors' learning rate as a multiple of lora_lr (1: plain LoRA)"
+    )
     lr_warmup_steps: int = option(10, "linear learning-rate warm-up steps, then linear decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm (inf: none)")
     max_length: int = option(256, "tokens per training example")
@@ -339,6 +342,7 @@ class TrainConfig:
         check_int("eval_every", self.eval_every, 0)
         check_real("lora_lr", self.lora_lr, 0.0)
         check_real("sparse_lr", self.sparse_lr, 0.0)
+        check_real("lora_b_lr_ratio", self.lora_b_lr_ratio, 0.0, strict=True)
         if self.max_grad_norm != math.inf:  # inf: no clipping
             check_real("max_grad_norm", self.max_grad_norm, 0.0, strict=True)
         for name in ("overlong", "distributed"):

@@ -66,6 +66,25 @@ class NoSchedule:
         pass
 
 
+def loraplus_groups(model: torch.nn.Module, groups: list[dict], ratio: float) -> list[dict]:
+    """LoRA+ (Hayou et al., 2024): each group's B factors (ours `lora_B`, PEFT's `lora_B.*`)
+    move to a group of their own at `ratio` times the group's rate, named `<name>_B`; B starts
+    at zero and A does not, so a faster B speeds up the product's first steps. Ratio 1: the
+    groups unchanged."""
+    if ratio == 1.0:
+        return groups
+    is_b = {id(p) for n, p in model.named_parameters() if ".lora_B" in f".{n}"}
+    out = []
+    for g in groups:
+        b = [p for p in g["params"] if id(p) in is_b]
+        rest = [p for p in g["params"] if id(p) not in is_b]
+        if rest:
+            out.append(g | {"params": rest})
+        if b:
+            out.append(g | {"params": b, "lr": g["lr"] * ratio, "name": f"{g['name']}_B"})
+    return out
+
+
 def lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up to 1, then linear decay to 0 at `total`."""
     if step < warmup:
@@ -145,7 +164,8 @@ class Trainer(ResumableMixin):
             self.signature["world_size"] = self.world
 
     def setup_optimizer(self) -> None:
-        """AdamW over the LoRA and sparse groups (a model without spalora layers: one group)."""
+        """AdamW over the LoRA and sparse groups (a model without spalora layers: one group),
+        B factors in groups of their own under LoRA+ (`lora_b_lr_ratio`)."""
         model, cfg = self.model, self.cfg
         if self.is_spalora:
             if self.latest is not None:  # our method may have truncated: match the saved sizes
@@ -157,6 +177,7 @@ class Trainer(ResumableMixin):
         else:  # a PEFT model or full fine-tuning: every trainable parameter at lora_lr
             trainable = [p for p in model.parameters() if p.requires_grad]
             groups = [{"params": trainable, "lr": cfg.lora_lr, "name": "all"}]
+        groups = loraplus_groups(model, groups, cfg.lora_b_lr_ratio)
         for g in groups:
             g["initial_lr"] = g["lr"]
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
