@@ -43,8 +43,10 @@ def run(tmp, steps=14, resume=False, every=4, adapter=None, **train_kw):
     return model.adapter_state_dict(), out
 
 
-def test_resume_after_interruption_is_bitwise_equal(tmp_path, monkeypatch):
-    full, full_out = run(tmp_path / "full")
+@pytest.mark.parametrize("lora_b_lr_ratio", [1.0, 16.0])  # LoRA+: B in groups of its own
+def test_resume_after_interruption_is_bitwise_equal(tmp_path, monkeypatch, lora_b_lr_ratio):
+    kw = {"lora_b_lr_ratio": lora_b_lr_ratio}
+    full, full_out = run(tmp_path / "full", **kw)
 
     calls = {"n": 0}
     real = train_module.completion_loss
@@ -57,10 +59,10 @@ def test_resume_after_interruption_is_bitwise_equal(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_module, "completion_loss", crash_on_11th)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut")
+        run(tmp_path / "cut", **kw)
     monkeypatch.setattr(train_module, "completion_loss", real)
     assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["checkpoint-8"]
-    resumed, out = run(tmp_path / "cut", resume=True)
+    resumed, out = run(tmp_path / "cut", resume=True, **kw)
     assert out["resumed_from"] == 8 and full_out["resumed_from"] is None
     assert out["steps_run"] == 14 and out["mask_step"] == full_out["mask_step"] == 5
     assert [h["loss"] for h in out["history"]] == [h["loss"] for h in full_out["history"]]
@@ -194,7 +196,10 @@ def test_resume_with_a_changed_recipe_names_every_field_that_differs(tmp_path, c
     run(tmp_path, steps=8, every=4)
     other = ADAPTER | {"method": "sparse", "mask_strategy": "random", "lora_dropout": 0.0}
     with pytest.raises(ValueError) as info:
-        run(tmp_path, steps=8, every=4, resume=True, adapter=other, lora_lr=0.5, max_length=64)
+        run(
+            tmp_path, steps=8, every=4, resume=True, adapter=other, lora_lr=0.5, max_length=64,
+            lora_b_lr_ratio=4.0,
+        )  # fmt: skip
     message = str(info.value)
     for field in (
         "adapter.method='rosa' (now 'sparse')",
@@ -202,9 +207,26 @@ def test_resume_with_a_changed_recipe_names_every_field_that_differs(tmp_path, c
         "adapter.lora_dropout=0.1 (now 0.0)",
         "train.lora_lr=0.01 (now 0.5)",
         "train.max_length=256 (now 64)",
+        "train.lora_b_lr_ratio=1.0 (now 4.0)",
     ):
         assert field in message, (field, message)
     _, out = run(tmp_path, steps=8, every=2, resume=True)  # spacing is no part of the recipe
+    assert out["resumed_from"] == 8
+
+
+def test_a_checkpoint_from_before_loraplus_resumes_as_plain_lora_only(tmp_path):
+    """Checkpoints written before `lora_b_lr_ratio` existed trained plain LoRA (ratio 1): they
+    resume under it and are refused under another ratio, by name."""
+    import json
+
+    run(tmp_path, steps=8, every=4)
+    for ck in list_checkpoints(tmp_path):
+        state = json.loads((ck / "state.json").read_text())
+        del state["recipe"]["train.lora_b_lr_ratio"]
+        (ck / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"train\.lora_b_lr_ratio=1\.0 \(now 16\.0\)"):
+        run(tmp_path, steps=8, every=4, resume=True, lora_b_lr_ratio=16.0)
+    _, out = run(tmp_path, steps=8, every=4, resume=True)
     assert out["resumed_from"] == 8
 
 

@@ -47,7 +47,11 @@ TRAINED_FIELDS = (
     "seed",
     "overlong",
     "bf16",
+    "lora_b_lr_ratio",
 )
+# Recipe keys added after checkpoints already existed, with the value those checkpoints trained
+# with: a checkpoint that lacks one resumes under that value and is refused under another.
+LATER_RECIPE_KEYS = {"train.lora_b_lr_ratio": 1.0}
 
 
 def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -287,7 +291,7 @@ def check_resumable(
     state = read_state(checkpoint)
     diffs: list[str] = []
     if "recipe" in state:
-        diffs += _differences(state["recipe"], recipe)
+        diffs += _differences(LATER_RECIPE_KEYS | state["recipe"], recipe)
         keys = ("n_examples", "world_size")  # the rest of the signature is in the recipe
     else:
         keys = tuple(set(state.get("signature") or {}) | set(signature or {}))
