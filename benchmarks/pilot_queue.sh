@@ -25,6 +25,7 @@
 #   setsid nohup benchmarks/pilot_queue.sh lora-r1 &      # LoRA's rate at r_eq 1 (selection seed)
 #   setsid nohup benchmarks/pilot_queue.sh lora-ga &      # PEFT LoRA with LoRA-GA's start
 #   setsid nohup benchmarks/pilot_queue.sh loraplus &     # PEFT LoRA trained as LoRA+
+#   setsid nohup benchmarks/pilot_queue.sh doubling-600 & # ShiRA at r_eq 2 and 4, 600 steps
 #   setsid nohup benchmarks/pilot_queue.sh best-r1 &      # the best peer at r_eq 1, then the peers
 #
 # SPALORA_CACHE_ROOT moves the caches (default benchmarks/cache); logs: runs/queues/pilot-NAME.*
@@ -186,6 +187,12 @@ case $name in
     # PEFT LoRA at 3e-3 (docs/results/README.md)
     run v2 peft-loraplus 2 1e-3 0
     run v2 peft-loraplus 2 3e-4 0 ;;
+  doubling-600)  # if the doubling reference admits neither budget at 150 steps (docs/benchmarks.md):
+    # does the budget bind at 600 steps? ShiRA at r_eq 2 and 4 at its 150-step rate, seeds 1-2
+    for seed in 1 2; do
+      run v2-600 peft-shira 2 1e-2 "$seed"
+      run v2-600 peft-shira 4 1e-2 "$seed"
+    done ;;
   best-r1)  # admission at r_eq 1 against the best peer at r_eq 2 (docs/benchmarks.md): LoRA at
     # its r_eq 1 selection rate on reported seeds 1-2, ShiRA's r_eq 1 grid around 1e-2; then peers
     for seed in 1 2; do run v2 lora 1 3e-3 "$seed"; done
@@ -196,5 +203,5 @@ case $name in
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100 | split-rates | split-rates-2 | eva | doubling | lora-r1 | best-r1 | lora-ga | peers-a | peers-b | loraplus)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100 | split-rates | split-rates-2 | eva | doubling | lora-r1 | best-r1 | lora-ga | peers-a | peers-b | loraplus | doubling-600)" >&2; exit 2 ;;
 esac
