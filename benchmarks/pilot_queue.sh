@@ -189,7 +189,8 @@ case $name in
     run v2 peft-loraplus 2 3e-4 0 ;;
   doubling-600)  # if the doubling reference admits neither budget at 150 steps (docs/benchmarks.md):
     # does the budget bind at 600 steps? ShiRA at r_eq 2 and 4 at its 150-step rate, seeds 1-2
-    for seed in 1 2; do
+    # (SEEDS="1" and SEEDS="2" split it over two cores)
+    for seed in ${SEEDS:-1 2}; do
       run v2-600 peft-shira 2 1e-2 "$seed"
       run v2-600 peft-shira 4 1e-2 "$seed"
     done ;;
