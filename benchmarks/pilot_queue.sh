@@ -183,6 +183,8 @@ case $name in
     # at selection seed 0, its rate not assumed to be LoRA's
     run v2 peft-lora-ga 2 3e-3 0
     run v2 peft-lora-ga 2 1e-3 0 ;;
+  lora-ga-low)  # LoRA-GA's grid edge: 1e-3 beat 3e-3 at seed 0, so the next rate down
+    run v2 peft-lora-ga 2 3e-4 0 ;;
   loraplus)  # issue 25, the rates: LoRA+ (B at 16x A's rate) at selection seed 0, paired with
     # PEFT LoRA at 3e-3 (docs/results/README.md)
     run v2 peft-loraplus 2 1e-3 0
@@ -204,5 +206,5 @@ case $name in
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100 | split-rates | split-rates-2 | eva | doubling | lora-r1 | best-r1 | lora-ga | peers-a | peers-b | loraplus | doubling-600)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100 | split-rates | split-rates-2 | eva | doubling | lora-r1 | best-r1 | lora-ga | peers-a | peers-b | loraplus | doubling-600 | lora-ga-low)" >&2; exit 2 ;;
 esac
