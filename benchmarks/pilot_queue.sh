@@ -196,6 +196,10 @@ case $name in
       run v2-600 peft-shira 2 1e-2 "$seed"
       run v2-600 peft-shira 4 1e-2 "$seed"
     done ;;
+  loraplus-2)  # LoRA+ came out 0.008 below PEFT LoRA at 1e-3, the top of its pilot grid (under
+    # the 0.010 bar): the next rate up at seed 0, then 1e-3 at the second selection seed
+    run v2 peft-loraplus 2 3e-3 0
+    run v2 peft-loraplus 2 1e-3 100 ;;
   best-r1)  # admission at r_eq 1 against the best peer at r_eq 2 (docs/benchmarks.md): LoRA at
     # its r_eq 1 selection rate on reported seeds 1-2, ShiRA's r_eq 1 grid around 1e-2; then peers
     for seed in 1 2; do run v2 lora 1 3e-3 "$seed"; done
@@ -206,5 +210,5 @@ case $name in
     # the oracle's rates, selection seed 0: paired with the oracle's runs at the same seed
     run v2 spalora-gradual 2 1e-3 0
     run v2 spalora-gradual 2 3e-3 0 ;;
-  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100 | split-rates | split-rates-2 | eva | doubling | lora-r1 | best-r1 | lora-ga | peers-a | peers-b | loraplus | doubling-600 | lora-ga-low)" >&2; exit 2 ;;
+  *) echo "unknown queue $name (seed-noise | admission | admission-r1 | peers | oracle | revision | revision-ablation | revision-ablations | revision-seeds | verdict | verdict-peer | verdict-peer2 | verdict-peer3 | allocation | allocation-100 | split-rates | split-rates-2 | eva | doubling | lora-r1 | best-r1 | lora-ga | peers-a | peers-b | loraplus | doubling-600 | lora-ga-low | loraplus-2)" >&2; exit 2 ;;
 esac
