@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .spread import build_sparse_credit, build_sparse_sampled, probe_stream
+from .spread import build_sparse_credit, build_sparse_sampled, probe_count, probe_stream
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Starting grids, points a factor ~3 apart; the harness extends a grid past its edge whenever the
@@ -100,7 +100,7 @@ def _spalora(
             mask_strategy=mask,
             nnz_allocation=nnz_allocation,
             warmup_steps=variant.get("warmup_steps", 40) if warmup is None else warmup,
-            mask_batches=variant.get("mask_batches", 8),
+            mask_batches=probe_count(variant),
             seed=variant.get("seed", 0),
         )
         return get_spalora_model(model, cfg)
@@ -128,7 +128,7 @@ def _ours(**settings):
             budget=f"r{r_eq}",
             lora_alpha=2.0 * r_eq,  # LoRA's at the budget: scale 2 r_eq / ceil(c r_eq)
             lora_dropout=0.0,
-            mask_batches=variant.get("mask_batches", 8),
+            mask_batches=probe_count(variant),
             seed=variant.get("seed", 0),
             **{
                 "overprovision": 1.5,  # c
@@ -230,7 +230,7 @@ def _peft_lora_ga(model: nn.Module, r_eq: int, variant: dict) -> nn.Module:
     from peft.tuners.lora.loraga import preprocess_loraga
 
     stream = probe_stream(variant, "peft-lora-ga")
-    batches = list(itertools.islice(stream, int(variant.get("mask_batches", 8))))
+    batches = list(itertools.islice(stream, probe_count(variant)))
     cfg = _peft_lora_config(r_eq, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
     device = next(model.parameters()).device
 

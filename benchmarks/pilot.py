@@ -92,11 +92,20 @@ def gap_rows(arms: dict[tuple, dict[int, dict]], target_nats: float | None) -> l
             continue
         if cb[2] == 0:  # fft first: the gap reads "fft minus adapter"
             a, b = b, a
-        ra, rb = arms[a], arms[b]
-        nll = paired_gap(matrix(*({s: r[s]["test_nll"] for s in shared} for r in (ra, rb))))
-        acc = paired_gap(matrix(*({s: bits(r[s]) for s in shared} for r in (ra, rb))))
+        nll, acc = paired_test_gaps(arms[a], arms[b], shared)
         rows.append({"a": a, "b": b, "nll": nll, "acc": acc, "target_nats": target_nats})
     return rows
+
+
+def paired_test_gaps(ra: dict[int, dict], rb: dict[int, dict], shared: list[int]) -> tuple:
+    """(NLL gap, accuracy gap) of arm a minus arm b, paired by test example over `shared`."""
+    nll = paired_gap(matrix(*({s: r[s]["test_nll"] for s in shared} for r in (ra, rb))))
+    acc = paired_gap(matrix(*({s: bits(r[s]) for s in shared} for r in (ra, rb))))
+    return nll, acc
+
+
+def per_seed(gap) -> str:
+    return " / ".join(f"{g:+.3f}" for g in gap.per_seed)
 
 
 def write_pilot_report(cache_dirs: list[Path], out: Path, command: str) -> list[Path]:
@@ -178,8 +187,7 @@ def gaps_table(rows: list[dict], target: float | None) -> list[str]:
             f"| {cond[0]} {cond[1]} steps r_eq {max(cond[2], row['b'][0][2])} | {row['a'][1]} "
             f"| {row['b'][1]} | {nll.n_seeds} | {nll.gap:+.4f} ± {nll.se:.4f} "
             f"({nll.se_test_only:.4f}) | {nll.var_seed**0.5:.4f} "
-            f"| {' / '.join(f'{g:+.3f}' for g in nll.per_seed)} "
-            f"| {100 * acc.gap:+.1f} ± {100 * acc.se:.1f} | {need} | {ratio} |"
+            f"| {per_seed(nll)} | {100 * acc.gap:+.1f} ± {100 * acc.se:.1f} | {need} | {ratio} |"
         )
     return lines + [""]
 
@@ -200,15 +208,13 @@ def doubling_table(arms: dict[tuple, dict[int, dict]], target: float | None) -> 
             shared = sorted(set(ra) & set(rb))
             if ca[:2] != cb[:2] or cb[2] != 2 * ca[2] or len(shared) < 2:
                 continue
-            nll = paired_gap(matrix(*({s: r[s]["test_nll"] for s in shared} for r in (ra, rb))))
-            acc = paired_gap(matrix(*({s: bits(r[s]) for s in shared} for r in (ra, rb))))
+            nll, acc = paired_test_gaps(ra, rb, shared)
             mark = " (best vs best)" if best[ca][0] == a and best[cb][0] == b else ""
             targets = "-" if target is None else f"{nll.gap / target:.1f}"
             rows.append(
                 f"| {ca[0]} {ca[1]} steps r_eq {ca[2]} vs {cb[2]}{mark} | {a} | {b} "
                 f"| {nll.n_seeds} | {nll.gap:+.4f} ± {nll.se:.4f} "
-                f"| {' / '.join(f'{g:+.3f}' for g in nll.per_seed)} "
-                f"| {100 * acc.gap:+.1f} ± {100 * acc.se:.1f} | {targets} |"
+                f"| {per_seed(nll)} | {100 * acc.gap:+.1f} ± {100 * acc.se:.1f} | {targets} |"
             )
     if not rows:
         return []

@@ -90,6 +90,11 @@ def sampled_support(weights: torch.Tensor, k: int, generator: torch.Generator) -
     return (weights.log() + gumbel).float()
 
 
+def probe_count(variant: dict) -> int:
+    """How many of the run's micro-batches a builder probes (`mask_batches`, default 8)."""
+    return int(variant.get("mask_batches", 8))
+
+
 def probe_stream(variant: dict, method: str) -> Iterator[dict]:
     """The run's training micro-batches from its start (the harness's `probe_batches`), for a
     builder that looks at data before training; refused in one line where there are none."""
@@ -106,7 +111,7 @@ def _probe_inputs(model: nn.Module, variant: dict, method: str):
     stream = probe_stream(variant, method)
     linear = set(adapted_linears(model))
     layers = {n: m for n, m in model.named_modules() if m in linear}
-    return layers, stream, int(variant.get("mask_batches", 8))
+    return layers, stream, probe_count(variant)
 
 
 def build_sparse_sampled(names: tuple[str, ...]) -> Callable:
